@@ -121,7 +121,7 @@ class ImportanceTime:
         return TimeSample(t.to(device), w.to(device))
 
     def update(self, t: Tensor, losses: Tensor) -> None:
-        for b, l in zip(self._bin_of(t).tolist(), losses.detach().double().cpu().tolist()):
+        for b, l in zip(self._bin_of(t).tolist(), losses.detach().double().cpu().tolist(), strict=True):
             self._losses[b] = torch.roll(self._losses[b], 1)
             self._losses[b, 0] = l
             self._count[b] += 1

@@ -40,10 +40,8 @@ class GaussianMixture:
             stds = stds[:, None].expand(K, d)
         if stds.shape != (K, d) or not bool((stds > 0).all()):
             raise ValueError("GaussianMixture: stds must be positive, of shape [K] or [K, d]")
-        w = torch.ones(K, dtype=means.dtype) if weights is None else torch.as_tensor(weights, dtype=means.dtype)
-        if w.shape != (K,) or not bool((w > 0).all()):
-            raise ValueError("GaussianMixture: weights must be positive, of shape [K]")
-        self.means, self.stds, self.weights = means, stds.clone(), w / w.sum()
+        self.means, self.stds = means, stds.clone()
+        self.weights = _normalised_weights(weights, K, means.dtype)
 
     @property
     def dim(self) -> int:
@@ -111,6 +109,13 @@ class GaussianMixture:
         return a1 * (mu + (y0 - mu) * r)
 
 
+def _normalised_weights(weights: Tensor | None, k: int, dtype: torch.dtype) -> Tensor:
+    w = torch.ones(k, dtype=dtype) if weights is None else torch.as_tensor(weights, dtype=dtype)
+    if w.shape != (k,) or not bool((w > 0).all()):
+        raise ValueError(f"mixture weights must be positive, of shape [{k}]")
+    return w / w.sum()
+
+
 def _col(c, x: Tensor) -> Tensor:
     """A level as a column ``[n|1, 1]`` against ``x [n, d]``."""
     c = torch.as_tensor(c, dtype=x.dtype, device=x.device)
@@ -140,8 +145,7 @@ class WrappedNormalMixture:
         stds = torch.as_tensor(stds, dtype=means.dtype)
         self.means = torch.remainder(means, 1.0)
         self.stds = stds.expand(K).clone() if stds.ndim == 0 else stds
-        w = torch.ones(K, dtype=means.dtype) if weights is None else torch.as_tensor(weights, dtype=means.dtype)
-        self.weights, self.images = w / w.sum(), images
+        self.weights, self.images = _normalised_weights(weights, K, means.dtype), images
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         k = torch.multinomial(self.weights.double(), n, replacement=True, generator=generator)
