@@ -89,7 +89,13 @@ class ZeroCoM(Constraint):
 
     def dof(self, x: Tensor, batch: Tensor | None, num_systems: int) -> Tensor:
         d = x.shape[-1]
-        return super().dof(x, batch, num_systems) - d
+        return (super().dof(x, batch, num_systems) - d).clamp(min=0)  # an empty system has none
+
+
+def _wrap01(x: Tensor) -> Tensor:
+    """``x mod 1`` in [0, 1): ``remainder(-tiny, 1)`` rounds to exactly 1.0, folded back to 0."""
+    r = torch.remainder(x, 1.0)
+    return torch.where(r >= 1.0, r - 1.0, r)
 
 
 class FlatTorus(Constraint):
@@ -104,10 +110,10 @@ class FlatTorus(Constraint):
     needs_variance_exploding = True
 
     def canonical(self, x: Tensor) -> Tensor:
-        return torch.remainder(x, 1.0)
+        return _wrap01(x)
 
     def difference(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.remainder(a - b + 0.5, 1.0) - 0.5
+        return _wrap01(a - b + 0.5) - 0.5
 
     def prior(self, z: Tensor, sigma: Tensor | float, batch: Tensor | None, num_systems: int) -> Tensor:
         # Uniform on [0,1): the probability-integral transform of z keeps generator reproducibility.
@@ -169,9 +175,9 @@ class Masked(Constraint):
 
     def dof(self, x: Tensor, batch: Tensor | None, num_systems: int) -> Tensor:
         known = self.mask.reshape(self.mask.shape[0], -1).sum(1).to(torch.float32)
-        if batch is not None:
-            known = torch.zeros(num_systems).index_add_(0, batch, known)
-        return self.inner.dof(x, batch, num_systems) - known
+        if batch is not None:  # on the mask's device (a CPU accumulator fails for CUDA fields)
+            known = known.new_zeros(num_systems).index_add_(0, batch.to(known.device), known)
+        return self.inner.dof(x, batch, num_systems).to(known) - known
 
 
 def _broadcast_level(c: Tensor | float, x: Tensor, batch: Tensor | None) -> Tensor | float:

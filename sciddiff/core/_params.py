@@ -142,13 +142,14 @@ class Model:
             t_b = t.expand(x.num_systems)
         else:
             t_b = t
-        alpha = self.process.alpha(t) if alpha is None else alpha
-        sigma = self.process.sigma(t) if sigma is None else sigma
+        # Coefficients in the state's dtype: float64 times [B] would promote float32 predictions.
+        alpha = self.process.alpha(t).to(x.dtype) if alpha is None else alpha
+        sigma = self.process.sigma(t).to(x.dtype) if sigma is None else sigma
         raw = self.net(x.canonical(), t_b)
         self.nfe += 1
         da = ds = None
         if self.param == "velocity":
-            da, ds = self.process.d_alpha(t), self.process.d_sigma(t)
+            da, ds = self.process.d_alpha(t).to(x.dtype), self.process.d_sigma(t).to(x.dtype)
         return to_prediction(raw, x, self.param, alpha, sigma, da, ds)
 
     def check(self, state: State) -> None:

@@ -235,7 +235,12 @@ class State:
                 raise FloatingPointError(f"{where}: non-finite values (NaN/Inf) in field {k!r}")
 
     def to(self, *args, **kwargs) -> State:
-        return self._with({k: v.to(*args, **kwargs) for k, v in self.data.items()})
+        """Fields converted like ``Tensor.to``; batch indices follow a device change (stay long)."""
+        new = self._with({k: v.to(*args, **kwargs) for k, v in self.data.items()})
+        device = new.device
+        if any(i.device != device for i in self.batch.values()):
+            new.batch = {k: i.to(device) for k, i in self.batch.items()}
+        return new
 
     def detach(self) -> State:
         return self.map(Tensor.detach)

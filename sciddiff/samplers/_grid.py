@@ -61,6 +61,8 @@ class TimeGrid:
         t = t.to(torch.float64)
         a, s = process.alpha(t), process.sigma(t)
         clean = final == "zero"
+        if clean and float(s[-1]) == 0:  # the process itself ends clean (flow paths at t_min)
+            return cls(t=t, alpha=a, sigma=s, clean_last=True)
         if clean:
             t = torch.cat([t, t.new_tensor([process.t_min])])
             a = torch.cat([a, a.new_ones(1)])
@@ -68,10 +70,17 @@ class TimeGrid:
         return cls(t=t, alpha=a, sigma=s, clean_last=clean)
 
 
-def _count(n: int, final: Final) -> int:
+def _count(n: int, final: Final, process: GaussianProcess | None = None) -> int:
+    """Model points (plus the endpoint where the process itself reaches sigma = 0 at t_min)."""
     if n < 1:
         raise ValueError(f"a grid needs at least one step, got {n}")
-    return n if final == "zero" else n + 1
+    if final == "zero" and not (process is not None and _ends_clean(process)):
+        return n
+    return n + 1
+
+
+def _ends_clean(process: GaussianProcess) -> bool:
+    return float(process.sigma(torch.tensor(process.t_min, dtype=torch.float64))) == 0.0
 
 
 def uniform_time(process: GaussianProcess, n: int, final: Final = "zero",
@@ -80,7 +89,8 @@ def uniform_time(process: GaussianProcess, n: int, final: Final = "zero",
     (default ``t_min``), inclusive (DDIM's "linspace" spacing)."""
     hi = process.t_max if t_start is None else t_start
     lo = process.t_min if t_end is None else t_end
-    return TimeGrid.from_times(process, torch.linspace(hi, lo, _count(n, final), dtype=torch.float64), final)
+    t = torch.linspace(hi, lo, _count(n, final, process), dtype=torch.float64)
+    return TimeGrid.from_times(process, t, final)
 
 
 def trailing(process: GaussianProcess, n: int, final: Final = "zero") -> TimeGrid:
@@ -102,6 +112,8 @@ def logsnr_uniform(process: GaussianProcess, n: int, final: Final = "zero",
     hi = torch.tensor(process.t_max if t_start is None else t_start, dtype=torch.float64)
     lo = torch.tensor(process.t_min if t_end is None else t_end, dtype=torch.float64)
     hi = _finite_start(process, hi)
+    if t_end is None and _ends_clean(process):  # log-SNR is infinite at t_min: stop at s = 1e-3
+        lo = process.t_of_sigma_ratio(torch.tensor(1e-3, dtype=torch.float64))
     lam = torch.linspace(float(process.log_snr(hi)), float(process.log_snr(lo)), _count(n, final),
                          dtype=torch.float64)
     t = process.t_of_log_snr(lam)
@@ -143,5 +155,8 @@ def _s_range(process: GaussianProcess) -> tuple[float, float]:
 
 
 def default_grid(process: GaussianProcess, n: int) -> TimeGrid:
-    """The default schedule for ``n`` steps (``edm_rho`` with rho = 7)."""
-    return edm_rho(process, n)
+    """The default schedule for ``n`` steps: uniform in log-SNR, or uniform in t for paths that
+    start where alpha = 0 (flow matching), whose log-SNR is unbounded there."""
+    if float(process.alpha(torch.tensor(process.t_max, dtype=torch.float64))) <= 0:
+        return uniform_time(process, n)
+    return logsnr_uniform(process, n)

@@ -97,16 +97,15 @@ class GaussianMixture:
     def pf_ode_solution(self, x: Tensor, level_from: tuple, level_to: tuple) -> Tensor:
         """Closed-form PF-ODE map of a single Gaussian from ``(alpha, sigma)`` to another level.
 
-        In scaled variables ``y = x/alpha, s = sigma/alpha``: ``y(s) - mu ∝ sqrt(s0^2 + s^2)``
-        per dimension, where ``s0`` is the data std. Only for one component.
+        The flow keeps each coordinate's standardised value: ``x = alpha mu + sqrt(alpha^2 sd^2 +
+        sigma^2) z`` with ``z`` constant along the path (valid also where alpha = 0).
         """
         if self.means.shape[0] != 1:
             raise ValueError("pf_ode_solution is closed form only for a single Gaussian")
         (a0, s0), (a1, s1) = level_from, level_to
         mu, sd = self.means[0].to(x), self.stds[0].to(x)
-        y0 = x / a0
-        r = torch.sqrt((sd**2 + (s1 / a1) ** 2) / (sd**2 + (s0 / a0) ** 2))
-        return a1 * (mu + (y0 - mu) * r)
+        z = (x - a0 * mu) / torch.sqrt(a0**2 * sd**2 + s0**2)
+        return a1 * mu + torch.sqrt(a1**2 * sd**2 + s1**2) * z
 
 
 def _normalised_weights(weights: Tensor | None, k: int, dtype: torch.dtype) -> Tensor:
