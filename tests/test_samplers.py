@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sciddiff.core import EDM, VE, VP, FlatTorus, LinearInterpolant, Masked, Model, State, ZeroCoM
+from sciddiff.core import EDM, VE, VP, FlatTorus, LinearInterpolant, Masked, Model, State
 from sciddiff.samplers import (
     TimeGrid,
     ddim,
@@ -149,6 +149,11 @@ def test_flow_matching_velocity_transports_prior_to_data():
     assert abs(float(dist.log_prob(out).mean() - dist.log_prob(true).mean())) < 0.1
 
 
+def _prior(proc, n: int) -> State:
+    template = State.from_tensor(torch.zeros(n, 2, dtype=torch.float64))
+    return proc.prior(template, torch.Generator().manual_seed(0))
+
+
 SAMPLERS = {
     "ddim": ddim, "ddpm": ddpm, "euler": euler, "heun": heun, "euler_maruyama": euler_maruyama,
     "pc_langevin": pc_langevin, "dpmpp_2m": dpmpp_2m, "dpmpp_pc": dpmpp_pc,
@@ -260,7 +265,7 @@ def test_reproducible_from_generator(name):
     dist = ring_mixture(std=0.1)
     proc = VP(timesteps=1000)
     model = Model(ExactDenoiser(dist, proc, "eps"), proc, "eps")
-    x = proc.prior(State.from_tensor(torch.zeros(16, 2, dtype=torch.float64)), torch.Generator().manual_seed(0))
+    x = _prior(proc, 16)
     a = SAMPLERS[name](model, x, 10, generator=torch.Generator().manual_seed(5))
     b = SAMPLERS[name](model, x, 10, generator=torch.Generator().manual_seed(5))
     c = SAMPLERS[name](model, x, 10, generator=torch.Generator().manual_seed(6))
@@ -271,7 +276,7 @@ def test_callback_progress_and_nfe():
     proc = VP(timesteps=1000)
     net = ExactDenoiser(ring_mixture(), proc, "eps")
     model = Model(net, proc, "eps")
-    x = proc.prior(State.from_tensor(torch.zeros(8, 2, dtype=torch.float64)), torch.Generator().manual_seed(0))
+    x = _prior(proc, 8)
     steps = []
     dpmpp_pc(model, x, 10, callback=lambda i: steps.append(i.i), progress=True)
     assert steps == list(range(10)) and net.nfe == 10
@@ -283,7 +288,7 @@ def test_callback_progress_and_nfe():
 def test_flow_start_and_grid_errors():
     proc = LinearInterpolant()
     model = Model(ExactDenoiser(ring_mixture(), proc, "velocity"), proc, "velocity")
-    x = proc.prior(State.from_tensor(torch.zeros(8, 2, dtype=torch.float64)), torch.Generator().manual_seed(0))
+    x = _prior(proc, 8)
     with pytest.raises(ValueError, match="alpha > 0"):
         heun(model, x, uniform_time(proc, 5))
     out = dpmpp_pc(model, x, uniform_time(proc, 5))  # data prediction handles alpha = 0
