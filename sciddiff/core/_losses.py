@@ -91,12 +91,17 @@ class ImportanceTime:
                  uniform_prob: float = 1e-3) -> None:
         if bins < 2 or history < 1:
             raise ValueError("ImportanceTime: need bins >= 2 and history >= 1")
+        if getattr(process, "timesteps", None) is not None:
+            bins = min(bins, process.timesteps)  # every bin holds at least one integer time
         self.process, self.bins, self.history, self.uniform_prob = process, bins, history, uniform_prob
         self._losses = torch.zeros(bins, history, dtype=torch.float64)
         self._count = torch.zeros(bins, dtype=torch.long)
 
     def _bin_of(self, t: Tensor) -> Tensor:
         p = self.process
+        T = getattr(p, "timesteps", None)
+        if T is not None:  # integer j belongs to bin j * bins // T
+            return (t.double().cpu().round().long() * self.bins // T).clamp(0, self.bins - 1)
         u = (t.double().cpu() - p.t_min) / (p.t_max - p.t_min)
         return (u * self.bins).long().clamp(0, self.bins - 1)
 
@@ -113,10 +118,16 @@ class ImportanceTime:
         k = torch.multinomial(probs, n, replacement=True, generator=generator)
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         p = self.process
+        T = getattr(p, "timesteps", None)
+        if T is not None:
+            # Integer bins: a uniform integer inside the drawn bin; weight (1/T) / (p_k / size_k).
+            first = -(-torch.arange(self.bins + 1) * T // self.bins)  # ceil(k T / bins)
+            size = (first[1:] - first[:-1]).double()
+            t = (first[k].double() + torch.floor(u * size[k])).clamp(max=T - 1)
+            w = size[k] / (T * probs[k])
+            return TimeSample(t.to(device), w.to(device))
         t = p.t_min + (k.double() + u) / self.bins * (p.t_max - p.t_min)
         t = t.clamp(p.t_min, p.t_max - 1e-5 * (p.t_max - p.t_min))
-        if getattr(p, "timesteps", None) is not None:
-            t = t.round()
         w = 1.0 / (self.bins * probs[k])
         return TimeSample(t.to(device), w.to(device))
 
