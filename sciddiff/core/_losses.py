@@ -114,9 +114,10 @@ class ImportanceTime:
         return w * (1 - self.uniform_prob) + self.uniform_prob / self.bins
 
     def __call__(self, n: int, generator=None, device=None) -> TimeSample:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
         probs = self.probabilities()
-        k = torch.multinomial(probs, n, replacement=True, generator=generator)
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        k = torch.multinomial(probs.to(gen_device), n, replacement=True, generator=generator).cpu()
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=gen_device).cpu()
         p = self.process
         T = getattr(p, "timesteps", None)
         if T is not None:
@@ -265,7 +266,9 @@ def denoising_loss(
     """
     process = model.process
     time = time or UniformTime(process)
-    ts = time(x0.num_systems, generator=generator)
+    # Draw times where the generator lives (a CUDA generator cannot fill CPU tensors, nor vice versa).
+    ts = time(x0.num_systems, generator=generator,
+              device=generator.device if generator is not None else x0.device)
     t = ts.t.to(x0.device)
     noise = x0.randn_like(generator)
     if coupling == "ot":

@@ -13,8 +13,8 @@ directory, flushed and fsync'ed, then ``os.replace``), ``state.json`` last:
   constructor kwargs where the network exposes a ``config``, EMA decay), the optimizer's
   ``param_groups`` and non-tensor state, and the RNG states of torch, numpy and ``random``.
 
-Every file records the step in its metadata, so ``load_checkpoint`` detects a directory whose
-files come from different saves (a crash between two replaces).
+Every file records the step and a random save id, so ``load_checkpoint`` detects a directory
+whose files come from different saves (a crash between two replaces).
 
 Lightning's own ``.ckpt`` files are pickles; ``fit`` turns them off (``enable_checkpointing=False``)
 and resumes from these files instead.
@@ -26,7 +26,7 @@ import importlib
 import json
 import os
 import random
-import tempfile
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +56,14 @@ def _class_path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _import(path: str) -> Any:
+def _import(path: str, base: type) -> Any:
+    """The class at ``path``, which must subclass ``base`` (a JSON file names only classes of an
+    expected kind: no arbitrary callables)."""
     module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    obj = getattr(importlib.import_module(module), name)
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise TypeError(f"checkpoint config: {path} is not a {base.__name__} subclass")
+    return obj
 
 
 def process_config(process: GaussianProcess) -> dict[str, Any]:
@@ -86,7 +91,7 @@ def process_config(process: GaussianProcess) -> dict[str, Any]:
 
 def process_from_config(cfg: dict[str, Any]) -> GaussianProcess:
     """Inverse of ``process_config``."""
-    return _import(cfg["class"])(**cfg.get("kwargs", {}))
+    return _import(cfg["class"], GaussianProcess)(**cfg.get("kwargs", {}))
 
 
 def network_config(net: torch.nn.Module) -> dict[str, Any] | None:
@@ -109,7 +114,7 @@ def network_config(net: torch.nn.Module) -> dict[str, Any] | None:
 
 def network_from_config(cfg: dict[str, Any], process: GaussianProcess) -> torch.nn.Module:
     """Inverse of ``network_config`` (``process`` for ``EDMPrecond`` and networks taking one)."""
-    cls = _import(cfg["class"])
+    cls = _import(cfg["class"], torch.nn.Module)
     kwargs = dict(cfg["kwargs"])
     if cls is EDMPrecond:
         return EDMPrecond(network_from_config(cfg["inner"], process), process, **kwargs)
@@ -183,21 +188,37 @@ def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) 
 # ------------------------------------------------------------------------------------------------
 # atomic writes
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """``write(tmp)`` to a fresh temporary name beside ``path``, fsync, then ``os.replace``: readers
+    see the old file or the new one, never a partial one; a failure removes the temporary file."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+    try:  # make the rename itself durable (POSIX; best effort elsewhere)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()  # safetensors refuses shared storage (tied weights): store a copy
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    tensors = out
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -261,9 +282,14 @@ def save_checkpoint(directory: str | os.PathLike, module: DiffusionModule, *,
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     step = int(module.step_count)
-    meta = {"format": FORMAT, "global_step": str(step)}
+    save_id = uuid.uuid4().hex
+    meta = {"format": FORMAT, "global_step": str(step), "save_id": save_id}
 
     tensors = dict(module.net.state_dict())
+    clash = [k for k in tensors if k.startswith(EMA_PREFIX)]
+    if clash and module.ema is not None:
+        raise ValueError(f"save_checkpoint: network keys {clash[:3]} clash with the EMA prefix "
+                         f"{EMA_PREFIX!r}")
     if module.ema is not None:
         for k, v in module.ema.state_dict().items():
             tensors[EMA_PREFIX + k] = v
@@ -278,10 +304,13 @@ def save_checkpoint(directory: str | os.PathLike, module: DiffusionModule, *,
         opt_tensors["extra." + k] = v
     _save_tensors(d / OPTIMIZER_FILE, opt_tensors, meta)
 
+    epoch, batch_in_epoch = module.epoch_position()
     state = {
         "format": FORMAT,
         "global_step": step,
-        "epoch": int(module.epoch_count),
+        "save_id": save_id,
+        "epoch": int(epoch),
+        "batch_in_epoch": int(batch_in_epoch),
         "config": module.config(),
         "ema": None if module.ema is None else {"decay": module.ema.decay, "warmup": module.ema.warmup,
                                                 "num_updates": module.ema.num_updates},
@@ -301,19 +330,21 @@ def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         state = json.load(f)
     if state.get("format") != FORMAT:
         raise ValueError(f"{d / STATE_FILE}: unknown format {state.get('format')!r}")
-    step = str(state["global_step"])
+    step, save_id = str(state["global_step"]), state.get("save_id")
+
+    def check(name: str, meta: dict[str, str]) -> None:
+        if meta.get("global_step") != step or meta.get("save_id") != save_id:
+            raise ValueError(f"{d}: {name} (step {meta.get('global_step')}) and state.json (step {step}) "
+                             "come from different saves (interrupted save?)")
+
     tensors, meta = _load_tensors(d / MODEL_FILE)
-    if meta.get("global_step") != step:
-        raise ValueError(f"{d}: {MODEL_FILE} is from step {meta.get('global_step')}, state.json from {step} "
-                         "(interrupted save?)")
+    check(MODEL_FILE, meta)
     network = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
     ema = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)} or None
     optimizer, extra = None, {}
     if (d / OPTIMIZER_FILE).is_file():
         opt_tensors, ometa = _load_tensors(d / OPTIMIZER_FILE)
-        if ometa.get("global_step") != step:
-            raise ValueError(f"{d}: {OPTIMIZER_FILE} is from step {ometa.get('global_step')}, "
-                             f"state.json from {step} (interrupted save?)")
+        check(OPTIMIZER_FILE, ometa)
         extra = {k[6:]: v for k, v in opt_tensors.items() if k.startswith("extra.")}
         opt_tensors = {k: v for k, v in opt_tensors.items() if k.startswith("state.")}
         if state.get("optimizer") is not None:
@@ -354,6 +385,21 @@ class SafetensorsCheckpoint(pl.Callback):
         self._save(trainer, pl_module)
 
 
+def _start_at_epoch(trainer: pl.Trainer, epoch: int) -> None:
+    """Make a fresh Trainer count epochs from ``epoch`` (so ``DistributedSampler.set_epoch`` and
+    ``current_epoch`` continue where the checkpoint left off). Only touches the public progress
+    counters of the fit loop; skipped where they are absent."""
+    if epoch <= 0:
+        return
+    progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
+    if progress is None:
+        return
+    for tracker in (progress.current, progress.total):
+        for attr in ("ready", "started", "processed", "completed"):
+            if hasattr(tracker, attr):
+                setattr(tracker, attr, epoch)
+
+
 def fit(
     module: DiffusionModule,
     train_dataloaders: Iterable[Any],
@@ -372,14 +418,25 @@ def fit(
     importance-sampler history, the step counter and (``restore_rng``) the RNG states, then trains
     only the remaining ``max_steps - step`` steps with a fresh ``pl.Trainer``. Lightning's pickle
     checkpoints are disabled; a ``SafetensorsCheckpoint(ckpt_dir, every_n_steps)`` is added.
+    Calling ``fit`` again on the same module (larger ``max_steps``) continues training, with the
+    optimizer state carried over.
 
-    Resuming reproduces an uninterrupted run exactly (same seed, same data loader) when the
-    checkpoint was taken at the end of an epoch, or when the data stream does not depend on the
-    position in it (e.g. one batch per epoch): a fresh Trainer starts a new pass over the data, so
-    a mid-epoch checkpoint continues with a new epoch rather than with the rest of the old one.
+    Exactness: the RNG states (torch, numpy, ``random``) saved with the checkpoint are restored
+    at the start of the first epoch, just before the epoch's data iterator is created, and the
+    Trainer's epoch counter continues from the checkpoint's (``DistributedSampler.set_epoch``).
+    So when the checkpoint was taken at the end of an epoch (and the seed, data loader and
+    hardware are the same), the resumed run reproduces the uninterrupted one bit for bit: same
+    shuffles, same times and noise, same weights. A checkpoint taken mid-epoch resumes with a
+    fresh pass over that epoch (a fresh Trainer cannot continue a half-consumed data iterator,
+    and Lightning's own loop state lives in its pickle checkpoints): statistically equivalent,
+    not identical. Checkpoint at epoch ends (``every_n_steps`` a multiple of the epoch length)
+    where exact resumes matter.
 
     Under DDP (``strategy="ddp"`` re-runs the script on every rank) each rank restores the same
     checkpoint, including rank 0's RNG state (so ranks share it, as after ``seed_everything``).
+    Prefer ``"ddp"`` to ``"ddp_spawn"``: with spawn, training happens in child processes, so the
+    calling process's module does not get the EMA or step counter back (and Lightning ships the
+    weights back through a temporary ``torch.save`` file).
 
     Args:
         module: the ``DiffusionModule`` (weights are replaced when resuming).
@@ -400,18 +457,25 @@ def fit(
         kw.pop(bad, None)
     if enable_progress_bar is not None:
         kw["enable_progress_bar"] = enable_progress_bar
+    rng = None
     if ckpt_dir is not None and resume and has_checkpoint(ckpt_dir):
         ckpt = load_checkpoint(ckpt_dir)
         module.load_training_state(ckpt)
-        if restore_rng and ckpt.state.get("rng"):
-            set_rng_state(ckpt.state["rng"])
+        rng = ckpt.state.get("rng") if restore_rng else None
     remaining = max_steps - module.step_count
     if remaining <= 0:
         return None
+    start_epoch = module.epoch_position()[0]
+    module._epoch_offset = module._epochs_started = start_epoch
+    module._batches_in_epoch = 0
+    if rng is None and restore_rng and start_epoch > 0:
+        rng = rng_state()  # continuing in-process: undo the draws of the Trainer's setup
+    module._pending_rng_state = rng  # applied at the first epoch start
     callbacks = list(kw.pop("callbacks", None) or [])
     if ckpt_dir is not None and not any(isinstance(c, SafetensorsCheckpoint) for c in callbacks):
         callbacks.append(SafetensorsCheckpoint(ckpt_dir, every_n_steps))
     kw.setdefault("max_epochs", -1)
     trainer = pl.Trainer(max_steps=remaining, enable_checkpointing=False, callbacks=callbacks, **kw)
+    _start_at_epoch(trainer, start_epoch)
     trainer.fit(module, train_dataloaders)
     return trainer

@@ -80,7 +80,9 @@ class EMA:
     def load_state_dict(self, shadow: dict[str, Tensor], num_updates: int) -> None:
         if set(shadow) != set(self.shadow):
             extra, missing = set(shadow) - set(self.shadow), set(self.shadow) - set(shadow)
-            raise KeyError(f"EMA.load_state_dict: unexpected {sorted(extra)[:5]}, missing {sorted(missing)[:5]}")
+            raise KeyError(
+                f"EMA.load_state_dict: unexpected {sorted(extra)[:5]}, missing {sorted(missing)[:5]}"
+            )
         for name, s in shadow.items():
             self.shadow[name].copy_(s)
         self.num_updates = int(num_updates)

@@ -31,10 +31,15 @@ class MLPDenoiser(nn.Module):
       ``c_noise = log(sigma/alpha) / 4`` and scales the input.
 
     Architecture: ``h = SiLU(Linear(x_in) + Linear(emb(c)))``, then ``layers - 1`` times
-    ``(Linear, SiLU)``, then ``Linear -> [B, dim]``; ``emb`` is the ``time_embedding``: ``"fourier"`` (random Fourier features with fixed Gaussian frequencies,
-    Tancik et al. 2020; Song et al. 2021's ``GaussianFourierProjection``), ``"sinusoidal"``
-    (geometric frequencies, Vaswani et al. 2017) or ``"none"`` (``c`` itself). The output is in
-    whatever parameterization the ``Model`` wrapping it declares (eps, x0, v, velocity, ...).
+    ``(Linear, SiLU)``, then ``Linear -> [B, dim]``. Separate input layers for ``x`` and the time
+    embedding keep the data weights at their fan-in-``dim`` initialisation scale (concatenating
+    ``x`` with a wide embedding made them tiny, and training under ``EDMPrecond`` then stalled).
+    ``emb`` is the ``time_embedding``: ``"fourier"`` (random Fourier features with fixed Gaussian
+    frequencies, Tancik et al. 2020; Song et al. 2021's ``GaussianFourierProjection``),
+    ``"sinusoidal"`` (frequencies geometric in [0.25, 64] per unit ``c``, as Vaswani et al. 2017)
+    or ``"none"`` (``c`` itself).
+    The output is in whatever parameterization the ``Model`` wrapping it declares (eps, x0, v,
+    score, velocity).
 
     Args:
         dim: data dimension d.
@@ -82,7 +87,7 @@ class MLPDenoiser(nn.Module):
             g = torch.Generator().manual_seed(0)  # fixed: does not touch the global RNG
             freqs = torch.randn(half, generator=g) * fourier_scale
         else:
-            freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), half))
+            freqs = torch.exp(torch.linspace(math.log(0.25), math.log(64.0), half))
         self.register_buffer("freqs", freqs)
         emb_out = 1 if time_embedding == "none" else embed_dim
         self.x_in = nn.Linear(dim, hidden)

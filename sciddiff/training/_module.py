@@ -16,6 +16,7 @@ from ..core import (
     GaussianProcess,
     ImportanceTime,
     LogNormalTime,
+    LossOutput,
     Model,
     Param,
     State,
@@ -30,12 +31,15 @@ from ._checkpoint import (
     network_from_config,
     process_config,
     process_from_config,
+    set_rng_state,
 )
 from ._ema import EMA
 
 TimeKind = Literal["uniform", "lognormal", "importance"]
 TimeSampler = UniformTime | LogNormalTime | ImportanceTime
-_TIME_CLASSES: dict[str, type] = {"uniform": UniformTime, "lognormal": LogNormalTime, "importance": ImportanceTime}
+_TIME_CLASSES: dict[str, type] = {
+    "uniform": UniformTime, "lognormal": LogNormalTime, "importance": ImportanceTime,
+}
 _TIME_ATTRS: dict[str, tuple[str, ...]] = {
     "uniform": ("eps",), "lognormal": ("p_mean", "p_std"), "importance": ("bins", "history", "uniform_prob"),
 }
@@ -118,13 +122,17 @@ class DiffusionModule(pl.LightningModule):
         if sigma_data is None:
             sigma_data = process.sigma_data if isinstance(process, EDM) else 0.5
         self.sigma_data = float(sigma_data)
-        self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), tuple(float(b) for b in betas)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.betas = (float(betas[0]), float(betas[1]))
         self.warmup_steps = int(warmup_steps)
         self.ema = EMA(net, ema_decay, ema_warmup) if ema_decay is not None else None
         self.field = field
         self.step_count = 0
-        self._epoch_offset = 0
+        self._epoch_offset = 0  # epochs completed before this fit (restored from a checkpoint)
+        self._epochs_started = 0
+        self._batches_in_epoch = 0
         self._pending_optimizer_state: dict[str, Any] | None = None
+        self._pending_rng_state: dict[str, Any] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
     # configuration -----------------------------------------------------------------------------
@@ -155,11 +163,19 @@ class DiffusionModule(pl.LightningModule):
             "ema_warmup": True if ema is None else ema["warmup"], "field": cfg.get("field", "x"),
         }
 
-    @property
-    def epoch_count(self) -> int:
-        """Epochs started over all resumed runs (informational)."""
+    def epoch_position(self) -> tuple[int, int]:
+        """``(epochs completed, batches done in the current epoch)`` over all resumed runs.
+
+        Counted by the module itself (``on_train_epoch_start``, ``training_step``) so it does not
+        depend on Lightning's loop state, which a fresh Trainer resets.
+        """
+        if self._epochs_started <= self._epoch_offset:
+            return self._epoch_offset, 0
         trainer = self._trainer
-        return self._epoch_offset + (int(trainer.current_epoch) if trainer is not None else 0)
+        n = trainer.num_training_batches if trainer is not None else float("inf")
+        if self._batches_in_epoch >= n:
+            return self._epochs_started, 0
+        return self._epochs_started - 1, self._batches_in_epoch
 
     # data --------------------------------------------------------------------------------------
     def to_state(self, batch: Any) -> State:
@@ -174,7 +190,8 @@ class DiffusionModule(pl.LightningModule):
             x = State(batch)
         else:
             raise TypeError(
-                f"DiffusionModule: a batch must be a State, a tensor [B, ...] or a dict of tensors, got {type(batch)}"
+                "DiffusionModule: a batch must be a State, a tensor [B, ...] or a dict of tensors, "
+                f"got {type(batch)}"
             )
         dtype = self.dtype
         if any(v.is_floating_point() and v.dtype != dtype for v in x.data.values()):
@@ -190,13 +207,14 @@ class DiffusionModule(pl.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # training ----------------------------------------------------------------------------------
-    def compute_loss(self, batch: Any):
+    def compute_loss(self, batch: Any) -> LossOutput:
         """``denoising_loss`` on one batch (a ``LossOutput``: ``loss`` scalar, ``per_system [B]``)."""
         x0 = self.to_state(batch)
         return denoising_loss(self.model, x0, time=self.time_sampler, weighting=self.weighting,
                               coupling=self.coupling, sigma_data=self.sigma_data)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self._batches_in_epoch += 1
         out = self.compute_loss(batch)
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True,
                  batch_size=out.per_system.shape[0])
@@ -210,9 +228,11 @@ class DiffusionModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, betas=self.betas,
                                 weight_decay=self.weight_decay)
-        if self._pending_optimizer_state is not None:
+        if self._pending_optimizer_state is not None:  # restored from a checkpoint
             opt.load_state_dict(self._pending_optimizer_state)
             self._pending_optimizer_state = None
+        elif self._optimizer is not None:  # a later fit of the same module: continue, don't reset
+            opt.load_state_dict(self._optimizer.state_dict())
         self._optimizer = opt
         return opt
 
@@ -222,7 +242,8 @@ class DiffusionModule(pl.LightningModule):
             return self.lr
         return self.lr * min(1.0, (step + 1) / self.warmup_steps)
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Any = None) -> None:
         lr = self.learning_rate(self.step_count)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -234,6 +255,18 @@ class DiffusionModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
+        self._epochs_started = self._epoch_offset
+        self._batches_in_epoch = 0
+
+    def on_train_epoch_start(self) -> None:
+        # RNG states from a checkpoint are applied here, right before the epoch's data iterator is
+        # created (from the second epoch on, Lightning makes it after this hook), so a resumed run
+        # draws the same permutation and noise as an uninterrupted one.
+        if self._pending_rng_state is not None:
+            set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
+        self._epochs_started += 1
+        self._batches_in_epoch = 0
 
     def current_optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer made by the last ``configure_optimizers`` (None before training)."""
@@ -249,7 +282,16 @@ class DiffusionModule(pl.LightningModule):
     # checkpoints -------------------------------------------------------------------------------
     def load_training_state(self, ckpt: Checkpoint, *, optimizer: bool = True) -> None:
         """Restore network, EMA, step counter, sampler history and (``optimizer``) the optimizer
-        state (applied when the Trainer next calls ``configure_optimizers``)."""
+        state (applied when the Trainer next calls ``configure_optimizers``).
+
+        Raises ``ValueError`` where the checkpoint was trained for another process or
+        parameterization (loss and optimiser options may differ: fine-tuning)."""
+        cfg, mine = ckpt.config, self.config()
+        for key in ("process", "param"):
+            if cfg.get(key) != mine[key]:
+                raise ValueError(
+                    f"checkpoint {key} {cfg.get(key)!r} does not match the module's {mine[key]!r}"
+                )
         self.net.load_state_dict(ckpt.network)
         if self.ema is not None:
             if ckpt.ema is not None:
@@ -262,7 +304,8 @@ class DiffusionModule(pl.LightningModule):
         if optimizer:
             self._pending_optimizer_state = ckpt.optimizer
         self.step_count = ckpt.global_step
-        self._epoch_offset = int(ckpt.state.get("epoch", 0))
+        self._epoch_offset = self._epochs_started = int(ckpt.state.get("epoch", 0))
+        self._batches_in_epoch = 0
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, net: nn.Module | None = None,
@@ -303,7 +346,9 @@ def _make_time_sampler(time: Any, kwargs: Mapping[str, Any] | None,
                        process: GaussianProcess) -> tuple[TimeSampler, dict[str, Any]]:
     if isinstance(time, str):
         if time not in _TIME_CLASSES:
-            raise ValueError(f"DiffusionModule: unknown time sampler {time!r}; expected {tuple(_TIME_CLASSES)}")
+            raise ValueError(
+                f"DiffusionModule: unknown time sampler {time!r}; expected {tuple(_TIME_CLASSES)}"
+            )
         kw = dict(kwargs or {})
         sampler = _TIME_CLASSES[time](process, **kw)
         return sampler, {"kind": time, "kwargs": kw}
