@@ -11,15 +11,6 @@ from sciddiff.samplers._adaptive import AdaptiveResult, adaptive
 from sciddiff.testing import ExactDenoiser, GaussianMixture, ZeroCoMGaussian
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and stall badly on a loaded machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gaussian(dtype=torch.float64) -> GaussianMixture:
     """One component, diagonal stds: the PF-ODE is closed form (``pf_ode_solution``)."""
     return GaussianMixture(torch.tensor([[0.5, -1.0, 2.0]], dtype=dtype),

@@ -164,7 +164,7 @@ def test_cli_bench_end_to_end(tiny, tmp_path):
     out = tmp_path / "cli"
     shutil.copytree(tiny[0] / "cache", out / "cache")   # reuse the cached reference
     rc = cli.main(["bench", "samplers", "--out", str(out), "--quick", "--quiet", "--problems", "gmm2d",
-                   "--samples", "200", "--nfe", "5", "--repeats", "1"])
+                   "--samples", "200", "--nfe", "5", "--repeats", "2"])
     assert rc == 0
     records = json.loads((out / "samplers.json").read_text())
     assert {r["nfe_budget"] for r in records} == {5}

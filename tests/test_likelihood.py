@@ -17,15 +17,6 @@ from sciddiff.likelihood import gaussian_prior_log_prob, log_likelihood
 from sciddiff.testing import ExactDenoiser, GaussianMixture, ZeroCoMGaussian, random_mixture, ring_mixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and stall badly on a loaded machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _level(process, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     tt = torch.tensor(t, dtype=torch.float64)
     return process.alpha(tt), process.sigma(tt)

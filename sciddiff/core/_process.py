@@ -218,7 +218,21 @@ class VP(GaussianProcess):
         return f"VP(schedule={self.schedule!r}, timesteps={self.timesteps})"
 
 
-class VE(GaussianProcess):
+class _VarianceExploding(GaussianProcess):
+    """``alpha(t) == 1``: the noise is added to the data, never scaled (VE, EDM)."""
+
+    @property
+    def variance_exploding(self) -> bool:
+        return True
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+
+class VE(_VarianceExploding):
     """Variance exploding: ``x_t = x_0 + sigma(t) eps``, ``sigma = s_min (s_max/s_min)^t``
     (Song et al. 2021, NCSN++), ``t in [0, 1]``."""
 
@@ -228,18 +242,8 @@ class VE(GaussianProcess):
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.t_min, self.t_max = 0.0, 1.0
 
-    @property
-    def variance_exploding(self) -> bool:
-        return True
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return torch.ones_like(t)
-
     def sigma(self, t: Tensor) -> Tensor:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
-
-    def d_alpha(self, t: Tensor) -> Tensor:
-        return torch.zeros_like(t)
 
     def d_sigma(self, t: Tensor) -> Tensor:
         return self.sigma(t) * math.log(self.sigma_max / self.sigma_min)
@@ -252,7 +256,7 @@ class VE(GaussianProcess):
         return f"VE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
 
 
-class EDM(GaussianProcess):
+class EDM(_VarianceExploding):
     """Karras et al. 2022: ``alpha = 1``, ``sigma(t) = t``, ``t in [sigma_min, sigma_max]``.
 
     Pair with ``EDMPrecond`` and the log-normal time sampler for EDM training.
@@ -264,18 +268,8 @@ class EDM(GaussianProcess):
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
         self.t_min, self.t_max = sigma_min, sigma_max
 
-    @property
-    def variance_exploding(self) -> bool:
-        return True
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return torch.ones_like(t)
-
     def sigma(self, t: Tensor) -> Tensor:
         return t
-
-    def d_alpha(self, t: Tensor) -> Tensor:
-        return torch.zeros_like(t)
 
     def d_sigma(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
