@@ -231,7 +231,8 @@ class State:
 
     def check_finite(self, where: str) -> None:
         for k, v in self.data.items():
-            if not torch.isfinite(v).all():
+            # The sum is finite for finite data (one reduction); only if not, look element-wise.
+            if not torch.isfinite(v.sum()) and not torch.isfinite(v).all():
                 raise FloatingPointError(f"{where}: non-finite values (NaN/Inf) in field {k!r}")
 
     def to(self, *args, **kwargs) -> State:

@@ -1,0 +1,1 @@
+"""Benchmarks (source checkout only; run with ``sciddiff bench ...``)."""
