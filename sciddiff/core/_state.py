@@ -162,7 +162,14 @@ class State:
         return self._with({k: v / self.expand(coef, k) for k, v in self.data.items()})
 
     def lincomb(self, a: Tensor | float, other: State, b: Tensor | float) -> State:
-        """``a * self + b * other`` in one pass (the samplers' inner loop)."""
+        """``a * self + b * other`` (the samplers' inner loop); python-number ``b`` fuses into
+        ``torch.add(..., alpha=b)``, saving a pass over the data."""
+        if isinstance(b, (int, float)):
+            if isinstance(a, (int, float)) and a == 1:
+                return self._with({k: torch.add(v, other.data[k], alpha=b) for k, v in self.data.items()})
+            return self._with(
+                {k: torch.add(v * self.expand(a, k), other.data[k], alpha=b) for k, v in self.data.items()}
+            )
         return self._with(
             {k: v * self.expand(a, k) + other.data[k] * self.expand(b, k) for k, v in self.data.items()}
         )

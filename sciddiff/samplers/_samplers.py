@@ -222,7 +222,7 @@ def dpmpp_pc(model: Model, x: State, grid: TimeGrid | int, *, order: int = 2, co
     g = loop.grid
     lam = g.log_snr.tolist()
     al, sg = g.alpha.tolist(), g.sigma.tolist()
-    hist: list[tuple[float, State, float, State]] = []  # (lambda, x0, s, eps) at visited points
+    hist: list[tuple[float, State, float, State | None]] = []  # (lambda, x0, s, eps_y) per point
     prev = None  # (iterate before the last predictor step, its grid index)
     for i in range(loop.steps):
         p = loop.predict(x, i)
@@ -232,8 +232,9 @@ def dpmpp_pc(model: Model, x: State, grid: TimeGrid | int, *, order: int = 2, co
             x = _exp_multistep(prev[0], sg[j], sg[i], al[i], lam[j], lam[i],
                                [h[0] for h in recent] + [lam[i]], [h[1] for h in recent] + [p.x0])
         s_i = sg[i] / al[i] if al[i] > 0 else math.inf
-        if math.isfinite(lam[i]):
-            hist.append((lam[i], p.x0, s_i, (x / al[i] - p.x0) / s_i))
+        if math.isfinite(lam[i]):  # eps in scaled variables is kept only for the Adams final step
+            eps_y = (x / al[i] - p.x0) / s_i if final_step == "adams" else None
+            hist.append((lam[i], p.x0, s_i, eps_y))
         prev = (x, i)
         recent = hist[len(hist) - min(order, len(hist)):]
         if loop.is_clean(i + 1) and final_step == "denoise":
