@@ -316,7 +316,8 @@ SCIDDIFF_SAMPLERS: list[SamplerEntry] = [
     SamplerEntry("dpmpp_pc", label="dpmpp_pc(2)"),                     # UniC corrector: no extra NFE
     SamplerEntry("dpmpp_pc", kwargs={"order": 3}, label="dpmpp_pc(3)"),
     SamplerEntry("dpmpp_3m"),
-    SamplerEntry("unipc"),
+    SamplerEntry("unipc", label="unipc(2)"),
+    SamplerEntry("unipc", kwargs={"order": 3}, label="unipc(3)"),
     SamplerEntry("ipndm"),
     SamplerEntry("ddpm", kind="sde"),
     SamplerEntry("euler_maruyama", kind="sde"),
@@ -445,6 +446,7 @@ MATCHED_PAIRS: list[tuple[tuple[str, str], tuple[str, str]]] = [
     (("heun", "trailing"), ("Heun", "trailing")),
     (("dpmpp_2m", "trailing"), ("DPMSolver++(2M)", "trailing")),
     (("dpmpp_2m", "edm_rho"), ("DPMSolver++(2M)", "karras")),
+    (("unipc(2)", "edm_rho"), ("UniPC", "karras")),
 ]
 
 

@@ -27,6 +27,7 @@ from sciddiff.samplers import (
     pc_langevin,
     trailing,
     uniform_time,
+    unipc,
 )
 from sciddiff.testing import (
     ExactDenoiser,
@@ -54,11 +55,15 @@ ODE_CASES = [  # sampler, NFE per step, expected order
     (heun, 2, 2.0),
     (dpmpp_2m, 1, 2.0),
     (lambda m, x, g: dpmpp_pc(m, x, g, order=2), 1, 3.0),
+    (lambda m, x, g: unipc(m, x, g, order=2, lower_order_final=False), 1, 3.0),
 ]
 
 
+ODE_IDS = ["euler", "heun", "dpmpp_2m", "dpmpp_pc2", "unipc2"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", range(len(ODE_CASES)), ids=["euler", "heun", "dpmpp_2m", "dpmpp_pc2"])
+@pytest.mark.parametrize("case", range(len(ODE_CASES)), ids=ODE_IDS)
 @pytest.mark.parametrize("process", [VP(), EDM()], ids=["vp", "edm"])
 def test_ode_convergence_order(dtype, case, process):
     """Error against the closed-form PF-ODE solution of a Gaussian falls with the method's order."""
@@ -156,7 +161,7 @@ def _prior(proc, n: int) -> State:
 
 SAMPLERS = {
     "ddim": ddim, "ddpm": ddpm, "euler": euler, "heun": heun, "euler_maruyama": euler_maruyama,
-    "pc_langevin": pc_langevin, "dpmpp_2m": dpmpp_2m, "dpmpp_pc": dpmpp_pc,
+    "pc_langevin": pc_langevin, "dpmpp_2m": dpmpp_2m, "dpmpp_pc": dpmpp_pc, "unipc": unipc,
 }
 STOCHASTIC = {"ddpm", "euler_maruyama", "pc_langevin"}
 
@@ -308,3 +313,24 @@ def test_schedules_are_valid_grids(schedule, process):
         assert bool((g.t[:-1] >= process.t_min - 1e-9).all()) and bool((g.t <= process.t_max + 1e-9).all())
     if isinstance(process, VP) and process.timesteps:
         assert trailing(process, 10).t[:-1].tolist() == [999.0 - 100 * i for i in range(10)]
+
+
+def test_unipc_matches_diffusers_on_karras_sigmas():
+    """Our UniPC-2 (bh2) on the EDM rho = 7 grid is diffusers' UniPCMultistepScheduler with Karras
+    sigmas, driven by the same exact eps (diffusers rounds through float32 in places)."""
+    diffusers = pytest.importorskip("diffusers")
+    dist = ring_mixture()
+    proc = VP(timesteps=1000)
+    x = proc.prior(State.from_tensor(torch.zeros(256, 2, dtype=torch.float64)),
+                   torch.Generator().manual_seed(4))
+    ours = unipc(Model(ExactDenoiser(dist, proc, "eps"), proc, "eps"), x, edm_rho(proc, 10))["x"]
+    sched = diffusers.UniPCMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                              use_karras_sigmas=True, timestep_spacing="trailing")
+    sched.set_timesteps(10)
+    y = x["x"].clone()
+    for i, t in enumerate(sched.timesteps):
+        s = sched.sigmas[i].double()
+        a = torch.rsqrt(1 + s * s)
+        eps = (y - a * dist.denoise(y, a, s * a)) / (s * a)
+        y = sched.step(eps, t, y).prev_sample.double()
+    assert float((ours - y).norm(dim=1).max()) < 1e-4 * float(y.norm(dim=1).max())

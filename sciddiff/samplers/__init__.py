@@ -5,10 +5,11 @@ from ._common import Callback, StepInfo
 from ._flow import flow_euler, flow_heun, flow_midpoint
 from ._grid import TimeGrid, default_grid, edm_rho, logsnr_uniform, trailing, uniform_time
 from ._samplers import ddim, ddpm, dpmpp_2m, dpmpp_pc, euler, euler_maruyama, heun, pc_langevin
+from ._unipc import unipc
 
 __all__ = [
     "AdaptiveResult", "adaptive",
     "Callback", "StepInfo", "TimeGrid", "default_grid", "edm_rho", "logsnr_uniform", "trailing",
     "uniform_time", "ddim", "ddpm", "dpmpp_2m", "dpmpp_pc", "euler", "euler_maruyama", "heun", "pc_langevin",
-    "flow_euler", "flow_heun", "flow_midpoint",
+    "flow_euler", "flow_heun", "flow_midpoint", "unipc",
 ]
