@@ -338,3 +338,10 @@ def test_dof_zero_com_empty_and_single_element_systems(dtype):
     s = State({"pos": torch.zeros(3, 3, dtype=dtype)}, batch={"pos": idx}, num_systems=3,
               constraints={"pos": ZeroCoM()})
     assert s.dof().tolist() == [0.0, 0.0, 3.0]
+
+
+def test_batch_index_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"batch index of 'pos' must lie in \[0, 2\)"):
+        State({"pos": torch.zeros(3, 3)}, batch={"pos": torch.tensor([0, 1, 2])}, num_systems=2)
+    with pytest.raises(ValueError, match="must lie in"):
+        State({"pos": torch.zeros(2, 3)}, batch={"pos": torch.tensor([0, -1])}, num_systems=2)

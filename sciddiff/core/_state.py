@@ -70,6 +70,12 @@ class State:
         for name, n in dense.items():
             if n != num_systems:
                 raise ValueError(f"dense field {name!r} has leading dim {n}, expected {num_systems}")
+        for name, idx in batch.items():
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_systems):
+                raise ValueError(
+                    f"batch index of {name!r} must lie in [0, {num_systems}), got "
+                    f"[{int(idx.min())}, {int(idx.max())}]"
+                )
         self.data = data
         self.batch = {k: v.long() for k, v in batch.items()}
         self.num_systems = int(num_systems)
