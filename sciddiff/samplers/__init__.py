@@ -4,8 +4,8 @@ from ._adaptive import AdaptiveResult, adaptive
 from ._common import Callback, StepInfo
 from ._flow import flow_euler, flow_heun, flow_midpoint
 from ._grid import TimeGrid, default_grid, edm_rho, logsnr_uniform, trailing, uniform_time
-from ._samplers import ddim, ddpm, dpmpp_2m, dpmpp_pc, euler, euler_maruyama, heun, pc_langevin
-from ._unipc import unipc
+from ._multistep import dpmpp_pc, unipc
+from ._samplers import ddim, ddpm, dpmpp_2m, euler, euler_maruyama, heun, pc_langevin
 
 __all__ = [
     "AdaptiveResult", "adaptive",
