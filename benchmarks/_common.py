@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
+LIBRARIES = ("sciddiff", "diffusers")
+
 
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""

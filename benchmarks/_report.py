@@ -1,0 +1,250 @@
+"""Reports of the sampler benchmark: Markdown tables and the error-against-NFE plot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._common import LIBRARIES, fmt, md_table, median
+
+if TYPE_CHECKING:
+    from .samplers import Problem
+
+# ================================================================================================
+# Reports
+# ================================================================================================
+def _ok(r: dict[str, Any]) -> bool:
+    return r["error"] is not None
+
+
+def best_rows(records: list[dict[str, Any]], problem: str, library: str, nfe: int,
+              kind: str = "ode") -> dict[str, Any] | None:
+    cands = [r for r in records if r["problem"] == problem and r["library"] == library
+             and r["nfe_budget"] == nfe and r["kind"] == kind and _ok(r)]
+    return min(cands, key=lambda r: r["error"]) if cands else None
+
+
+def _config(r: dict[str, Any]) -> str:
+    return f"{r['sampler']} / {r['schedule']}"
+
+
+def overhead_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median per-step overhead (us) per problem and library, over the deterministic (ODE) rows that
+    ran: diffusers has no stochastic rows here, and drawing fresh noise each step is sampling work
+    rather than bookkeeping, so counting it would compare unlike things."""
+    out = []
+    for p in dict.fromkeys(r["problem"] for r in records):
+        row: dict[str, Any] = {"problem": p}
+        for lib in LIBRARIES:
+            rs = [r for r in records if r["problem"] == p and r["library"] == lib
+                  and r["kind"] == "ode" and r["overhead_per_step_us"] is not None]
+            row[lib] = median(r["overhead_per_step_us"] for r in rs)
+            row[f"{lib}_model_us"] = median(r["model_seconds"] / r["nfe"] * 1e6 for r in rs if r["nfe"])
+            row[f"{lib}_rows"] = len(rs)
+        out.append(row)
+    return out
+
+
+def write_markdown(path: Path, records: list[dict[str, Any]], problems: list[Problem], nfes: Sequence[int],
+                   meta: dict[str, Any], descriptions: dict[str, str],
+                   matched_pairs: Sequence[tuple[tuple[str, str], tuple[str, str]]]) -> None:
+    L: list[str] = ["# Sampler benchmark: exact-score Gaussian mixtures", ""]
+    L.append(f"Hardware: {meta['hardware']}")
+    L.append("")
+    L.append(
+        f"Mode: {meta['mode']}; {meta['n_samples']} samples per problem, seed {meta['seed']}; process "
+        "`VP(timesteps=1000)` (DDPM linear betas 1e-4..0.02); start: exact `x_T` at t = 999; reference: "
+        f"dopri5 PF-ODE solve in float64, rtol = atol = {meta['ref_tol']:g}. Error: mean Euclidean "
+        "distance to the reference. NFE = model calls (the budget; rows record the calls made). "
+        f"Timing: fastest of {meta.get('repeats', 1)} runs per row, taken in rounds over all rows of a "
+        "problem (wall time of grid or `set_timesteps` plus the sampling loop). "
+        f"Total wall time {meta['wall_seconds']:.1f} s."
+    )
+    L.append("")
+    L.append("Problems:")
+    for p in problems:
+        src = "cached" if p.ref_cached else f"computed in {p.ref_seconds:.1f} s"
+        L.append(f"- `{p.name}`: {descriptions[p.name]}; reference {src} ({p.ref_nfe} evaluations)")
+    L += ["", "Notes:",
+          "- diffusers rows: DDPM's betas passed explicitly (HeunDiscreteScheduler defaults to other "
+          "betas), `timestep_spacing=\"trailing\"`, `clip_sample=False`; the exact eps is evaluated at the "
+          "scheduler's own noise level for each call. diffusers keeps `alphas_cumprod` and sigmas in "
+          "float32, and DPMSolverMultistep and EulerDiscrete cast the sample to float32 inside `step`, so "
+          "their results carry float32 rounding (about 1e-6 relative here, far below the errors).",
+          "- Grids that end at t = 0 (sigma = 0.01) finish with one denoising jump to sigma = 0; against "
+          "the exact ODE solution this leaves an error floor (about 1.2e-3 in 2-D and 8e-3 in 64-D for "
+          "components of std 0.05) that the NFE-50 rows of both libraries reach. `trailing` grids stop "
+          "at t = 1000/n - 1 and jump from there, hence their slow decay with NFE."]
+    if meta.get("skipped"):
+        L.append("")
+        L.append("Not in this sciddiff (skipped): " + ", ".join(f"`{s}`" for s in meta["skipped"]))
+    for w in meta.get("warnings", []):
+        L += ["", f"**Warning:** {w}"]
+
+    # --- summary: best of each library
+    L += ["", "## Best sciddiff vs best diffusers (ODE samplers)", "",
+          "Ratio = best sciddiff error / best diffusers error (below 1: sciddiff is more accurate).", ""]
+    rows = []
+    for p in problems:
+        for nfe in nfes:
+            b = {lib: best_rows(records, p.name, lib, nfe) for lib in LIBRARIES}
+            ratio = (b["sciddiff"]["error"] / b["diffusers"]["error"]
+                     if b["sciddiff"] and b["diffusers"] and b["diffusers"]["error"] > 0 else None)
+            cells = [p.name, str(nfe)]
+            for lib in LIBRARIES:
+                r = b[lib]
+                cells += [fmt(r["error"]) if r else "-", _config(r) if r else "-"]
+            cells.append(fmt(ratio))
+            rows.append(cells)
+    L.append(md_table(["problem", "NFE", "best sciddiff", "config", "best diffusers", "config", "ratio"],
+                      rows, ["l", "r", "r", "l", "r", "l", "r"]))
+
+    # --- overhead
+    L += ["", "## Per-step overhead (time outside the model call)", "",
+          "Median over the ODE rows of `(seconds - model_seconds) / nfe`, in microseconds (stochastic "
+          "rows draw noise every step, which diffusers' rows here do not). The model time "
+          "is the whole network call, as a trained network's would be: for the exact model, its "
+          "noise-level lookup (sciddiff: `alpha(t), sigma(t)` of the process; diffusers: the "
+          "scheduler's sigma or `alphas_cumprod` for the call) and the mixture posterior; "
+          "`model us/call` shows it.", ""]
+    rows = []
+    for o in overhead_summary(records):
+        s, d = o["sciddiff"], o["diffusers"]
+        verdict = "-" if s is None or d is None else ("yes" if s <= d else "no")
+        rows.append([o["problem"], fmt(s), fmt(d), fmt(s / d if s and d else None), verdict,
+                     fmt(o["sciddiff_model_us"]), fmt(o["diffusers_model_us"])])
+    L.append(md_table(["problem", "sciddiff us/step", "diffusers us/step", "ratio", "sciddiff <= diffusers",
+                       "model us/call (sciddiff)", "model us/call (diffusers)"],
+                      rows, ["l", "r", "r", "r", "l", "r", "r"]))
+
+    # --- matched pairs
+    L += ["", "Like for like (the same algorithm on the same grid; median over NFE, us/step; `max rel. "
+          "error gap`: the largest relative difference of the two errors over NFE, which should be "
+          "at float32 level):", ""]
+    rows = []
+    for p in problems:
+        for (s_smp, s_sch), (d_smp, d_sch) in matched_pairs:
+            sel = {lib: {r["nfe_budget"]: r for r in records if r["problem"] == p.name and r["library"] == lib
+                         and (r["sampler"], r["schedule"]) == key}
+                   for lib, key in (("sciddiff", (s_smp, s_sch)), ("diffusers", (d_smp, d_sch)))}
+            common = [n for n in sel["sciddiff"] if n in sel["diffusers"]
+                      and _ok(sel["sciddiff"][n]) and _ok(sel["diffusers"][n])]
+            if not common:
+                continue
+            o_s = median(sel["sciddiff"][n]["overhead_per_step_us"] for n in common)
+            o_d = median(sel["diffusers"][n]["overhead_per_step_us"] for n in common)
+            gap = max(abs(sel["sciddiff"][n]["error"] - sel["diffusers"][n]["error"])
+                      / max(sel["diffusers"][n]["error"], 1e-300) for n in common)
+            rows.append([p.name, f"{s_smp} / {s_sch}", f"{d_smp} / {d_sch}", fmt(o_s), fmt(o_d),
+                         fmt(o_s / o_d if o_s and o_d else None), fmt(gap, 2)])
+    L.append(md_table(["problem", "sciddiff", "diffusers", "sciddiff us/step", "diffusers us/step", "ratio",
+                       "max rel. error gap"], rows, ["l", "l", "l", "r", "r", "r", "r"]))
+
+    # --- overhead per sampler
+    L += ["", "Per sampler (median over schedules and NFE, us/step):", ""]
+    keys = list(dict.fromkeys((r["library"], r["sampler"]) for r in records))
+    rows = []
+    for lib, smp in keys:
+        cells = [lib, smp]
+        for p in problems:
+            sel = [r for r in records
+                   if r["problem"] == p.name and r["library"] == lib and r["sampler"] == smp]
+            cells.append(fmt(median(r["overhead_per_step_us"] for r in sel)))
+        rows.append(cells)
+    L.append(md_table(["library", "sampler"] + [p.name for p in problems], rows,
+                      ["l", "l"] + ["r"] * len(problems)))
+
+    # --- per-problem tables
+    for p in problems:
+        L += ["", f"## {p.name} (d = {p.dim})", "",
+              "Error per sampler and schedule; **bold**: the best ODE row at that NFE. "
+              "`sde` rows are stochastic samplers: their distance to the ODE solution is not a "
+              "discretisation error.", ""]
+        configs: dict[tuple, dict[int, dict[str, Any]]] = {}
+        for r in records:
+            if r["problem"] != p.name:
+                continue
+            key = (r["library"], r["sampler"], r["schedule"], r["kind"])
+            cur = configs.setdefault(key, {}).get(r["nfe_budget"])
+            if cur is None or (_ok(r) and (not _ok(cur) or r["error"] < cur["error"])):
+                configs[key][r["nfe_budget"]] = r
+        best = {nfe: min((r["error"] for by in configs.values() for n, r in by.items()
+                          if n == nfe and _ok(r) and r["kind"] == "ode"), default=None) for nfe in nfes}
+        order = sorted(configs, key=lambda k: (LIBRARIES.index(k[0]) if k[0] in LIBRARIES else 9,
+                                               k[3] != "ode"))
+        rows = []
+        for key in order:
+            cells = [key[0], key[1], key[2], key[3]]
+            for nfe in nfes:
+                r = configs[key].get(nfe)
+                if r is None:
+                    cells.append("")
+                elif not _ok(r):
+                    cells.append("fail")
+                else:
+                    txt = fmt(r["error"])
+                    if r["kind"] == "ode" and r["error"] == best[nfe]:
+                        txt = f"**{txt}**"
+                    if r["nfe"] != nfe:
+                        txt += f" ({r['nfe']})"
+                    cells.append(txt)
+            rows.append(cells)
+        L.append(md_table(["library", "sampler", "schedule", "kind"] + [f"NFE {n}" for n in nfes], rows,
+                          ["l", "l", "l", "l"] + ["r"] * len(nfes)))
+        L.append("")
+        L.append("A number in parentheses: the calls actually made, where fewer than the budget.")
+
+    fails = [r for r in records if not _ok(r)]
+    if fails:
+        L += ["", "## Failed rows", ""]
+        seen = set()
+        for r in fails:
+            key = (r["library"], r["sampler"], r["schedule"], r["note"])
+            if key in seen:
+                continue
+            seen.add(key)
+            n_same = sum(1 for q in fails if (q["library"], q["sampler"], q["schedule"], q["note"]) == key)
+            L.append(f"- {r['library']} {r['sampler']} / {r['schedule']} ({n_same} rows): {r['note']}")
+    L.append("")
+    path.write_text("\n".join(L), encoding="utf-8")
+
+
+def write_plot(path: Path, records: list[dict[str, Any]], problems: list[Problem],
+               nfes: Sequence[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"sciddiff": "tab:blue", "diffusers": "tab:orange"}
+    fig, axes = plt.subplots(1, len(problems), figsize=(5.2 * len(problems), 4.4), squeeze=False)
+    for ax, p in zip(axes[0], problems, strict=True):
+        rs = [r for r in records if r["problem"] == p.name and _ok(r) and r["error"] > 0]
+        lines: dict[tuple, list[tuple[int, float]]] = {}
+        for r in rs:
+            lines.setdefault((r["library"], r["sampler"], r["schedule"], r["kind"]), []).append(
+                (r["nfe_budget"], r["error"]))
+        for (lib, _, _, kind), pts in lines.items():
+            pts.sort()
+            ax.plot(*zip(*pts, strict=True), color=colors.get(lib, "gray"), alpha=0.18, lw=0.8,
+                    ls="-" if kind == "ode" else ":")
+        for lib in LIBRARIES:
+            pts = [(n, b["error"]) for n in nfes if (b := best_rows(records, p.name, lib, n))]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), color=colors[lib], lw=2.4, marker="o",
+                        label=f"{lib} (best ODE)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(list(nfes))
+        ax.set_xticklabels([str(n) for n in nfes])
+        ax.minorticks_off()
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("mean distance to the PF-ODE reference")
+        ax.set_title(f"{p.name} (d = {p.dim})")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Sampler error vs NFE (faint: every sampler/schedule; dotted: stochastic)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
