@@ -26,13 +26,11 @@ from tqdm.auto import tqdm
 
 from ..core import GaussianProcess, Level, Model, State, check_compatible
 from ._common import Callback, StepInfo
+from ._grid import FLOW_S_END, _finite_start
 
 #: Embedded-error (adaptive) Runge-Kutta methods of torchdiffeq that ``adaptive`` accepts.
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
-#: Default final noise level ``s = sigma / alpha`` where the process reaches ``sigma = 0`` at
-#: ``t_min`` (flow paths): the same ``exp(-10)`` the time grids use (``sciddiff.samplers.edm_rho``).
-FLOW_S_END: float = math.exp(-10.0)
 
 
 @dataclass(frozen=True)
@@ -139,14 +137,13 @@ def _time_range(process: GaussianProcess, t_start: float | None, t_end: float | 
     for what, v in (("t_start", t_start), ("t_end", t_end)):
         if v is not None and not (lo - tol <= v <= hi + tol):
             raise ValueError(f"{name}: {what}={v} lies outside the process's time range [{lo}, {hi}]")
+    default_start = float(_finite_start(process, torch.tensor(hi, dtype=torch.float64)))
     if t_start is None:
-        t_start = hi
-        if _scalar(process.alpha, t_start) <= 0:
-            t_start = hi - 1e-4 * (hi - lo)
+        t_start = default_start
     elif _scalar(process.alpha, t_start) <= 0:
         raise ValueError(
             f"{name}: alpha(t_start={t_start}) = 0 (pure noise), where the scaled variable x / alpha "
-            f"is undefined; start slightly below, e.g. t_start={hi - 1e-4 * (hi - lo):.6g}, or leave "
+            f"is undefined; start slightly below, e.g. t_start={default_start:.6g}, or leave "
             "t_start=None for that default"
         )
     if t_end is None:

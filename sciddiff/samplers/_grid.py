@@ -20,6 +20,10 @@ from ..core import GaussianProcess
 
 Final = Literal["zero", "none"]
 
+#: Smallest noise level ``s = sigma / alpha`` used where a process reaches ``sigma = 0`` at
+#: ``t_min`` (flow paths), whose log-SNR is infinite there (``edm_rho`` and ``adaptive``).
+FLOW_S_END: float = math.exp(-10.0)
+
 
 @dataclass(frozen=True)
 class TimeGrid:
@@ -150,7 +154,7 @@ def _s_range(process: GaussianProcess) -> tuple[float, float]:
     s_lo = float(process.sigma(lo) / process.alpha(lo))
     s_hi = float(process.sigma(hi) / process.alpha(hi))
     if s_lo <= 0:  # flow paths reach sigma = 0 at t_min
-        s_lo = math.exp(-10.0)
+        s_lo = FLOW_S_END
     return s_hi, s_lo
 
 
