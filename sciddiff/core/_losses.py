@@ -8,6 +8,7 @@ each other (see ``_params``) this equals the usual loss in the native space.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -254,6 +255,7 @@ def denoising_loss(
     coupling: Coupling = "independent",
     sigma_data: float = 0.5,
     generator: torch.Generator | None = None,
+    cond: Mapping[str, Tensor] | None = None,
 ) -> LossOutput:
     """Denoising score matching / conditional flow matching in one function.
 
@@ -262,8 +264,12 @@ def denoising_loss(
     ``weighting="simple"`` is the native-space MSE: eps-MSE for DDPM (Ho et al. 2020), the
     conditional flow-matching loss ``||v - (eps - x0)||^2`` for ``LinearInterpolant`` with
     ``param="velocity"`` (Lipman et al. 2023); ``edm`` and ``min_snr`` weight the x0-space error.
+    ``cond`` (tensors ``[B, ...]``) is passed to a conditional network (see ``Model``); OT coupling
+    re-pairs noise with data, never data with its condition.
     Returns per-system losses [B] (mean over each system's degrees of freedom).
     """
+    if cond is not None:
+        model = model.with_cond(cond)
     process = model.process
     time = time or UniformTime(process)
     # Draw times where the generator lives (a CUDA generator cannot fill CPU tensors, nor vice versa).
@@ -277,7 +283,7 @@ def denoising_loss(
         raise ValueError(f"unknown coupling {coupling!r}; expected 'independent' or 'ot'")
     path = process.sample(x0, t, noise)
     a, s = path.alpha, path.sigma
-    raw = model.net(path.x_t.canonical(), t.to(x0.dtype) if t.is_floating_point() else t)
+    raw = model.call_net(path.x_t.canonical(), t.to(x0.dtype) if t.is_floating_point() else t)
     da = process.d_alpha(t).to(x0.dtype) if model.param == "velocity" else None
     ds = process.d_sigma(t).to(x0.dtype) if model.param == "velocity" else None
     pred = to_prediction(raw, path.x_t, model.param, a, s, da, ds)

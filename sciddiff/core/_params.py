@@ -12,6 +12,7 @@ and each is an invertible linear function of ``(x_t, eps)``, so conversions are 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
@@ -125,16 +126,40 @@ def eps_error_scale(param: Param, alpha, sigma, d_alpha=None, d_sigma=None):
 class Model:
     """A network together with its process and parameterization: what samplers call.
 
-    Wraps, does not subclass: ``net`` is any callable ``net(x: State, t: Tensor[B]) -> State``.
+    Wraps, does not subclass: ``net`` is any callable ``net(x: State, t: Tensor[B]) -> State``, or,
+    for a conditional model, ``net(x, t, cond) -> State`` with ``cond`` a mapping of tensors whose
+    leading dim is B (e.g. a coarse field ``[B, C, h, w]``). ``cond`` is bound to the Model
+    (``with_cond``), so every sampler and loss works unchanged for conditional models.
     ``predict(x, t)`` passes the canonical ``x`` (torus: wrapped) and returns ``Prediction``.
     """
 
-    def __init__(self, net: Denoiser, process: GaussianProcess, param: Param = "eps") -> None:
+    def __init__(self, net: Denoiser, process: GaussianProcess, param: Param = "eps",
+                 cond: Mapping[str, Tensor] | None = None) -> None:
         _check_param(param)
         if not callable(net):
             raise TypeError("Model: net must be callable as net(x: State, t: Tensor) -> State")
-        self.net, self.process, self.param = net, process, param
+        if cond is not None:
+            if not isinstance(cond, Mapping) or not all(isinstance(v, Tensor) for v in cond.values()):
+                raise TypeError("Model: cond must be a mapping of name -> torch.Tensor")
+            cond = dict(cond)
+        self.net, self.process, self.param, self.cond = net, process, param, cond
         self.nfe = 0
+
+    def with_cond(self, cond: Mapping[str, Tensor] | None) -> Model:
+        """The same network, process and parameterization with ``cond`` bound (a new Model)."""
+        return Model(self.net, self.process, self.param, cond)
+
+    def call_net(self, x: State, t: Tensor) -> State:
+        """``net(x, t)``, or ``net(x, t, cond)`` when a condition is bound (checked against B)."""
+        if self.cond is None:
+            return self.net(x, t)
+        for k, v in self.cond.items():
+            if v.shape[0] != x.num_systems:
+                raise ValueError(
+                    f"Model: condition {k!r} has leading dim {v.shape[0]}, but the state has "
+                    f"{x.num_systems} systems"
+                )
+        return self.net(x, t, self.cond)
 
     def predict(self, x: State, t: Tensor, alpha=None, sigma=None) -> Prediction:
         """Denoise ``x`` at time ``t`` (0-d or [B]); ``alpha, sigma`` default to the process's."""
@@ -145,7 +170,7 @@ class Model:
         # Coefficients in the state's dtype: float64 times [B] would promote float32 predictions.
         alpha = self.process.alpha(t).to(x.dtype) if alpha is None else alpha
         sigma = self.process.sigma(t).to(x.dtype) if sigma is None else sigma
-        raw = self.net(x.canonical(), t_b)
+        raw = self.call_net(x.canonical(), t_b)
         self.nfe += 1
         da = ds = None
         if self.param == "velocity":
@@ -156,4 +181,5 @@ class Model:
         check_compatible(self.process, state)
 
     def __repr__(self) -> str:
-        return f"Model(process={self.process!r}, param={self.param!r})"
+        c = f", cond={sorted(self.cond)}" if self.cond is not None else ""
+        return f"Model(process={self.process!r}, param={self.param!r}{c})"

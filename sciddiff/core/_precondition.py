@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -14,7 +16,8 @@ class EDMPrecond(nn.Module):
 
     ``y = x / alpha`` and ``s = sigma / alpha`` make the wrapper valid for every Gaussian process
     (for EDM itself ``alpha = 1``). The wrapped ``net(x: State, c_noise: Tensor[B]) -> State`` sees
-    unit-variance inputs; the wrapper returns an ``x0`` prediction (use ``param="x0"``).
+    unit-variance inputs; the wrapper returns an ``x0`` prediction (use ``param="x0"``). A condition
+    (``forward(x, t, cond)``) is passed to the wrapped network unchanged: ``net(x, c_noise, cond)``.
 
     Shapes: ``x`` any State with B systems, ``t [B]``; output like ``x``.
     """
@@ -34,7 +37,7 @@ class EDMPrecond(nn.Module):
         c_noise = torch.log(s) / 4
         return c_skip, c_out, c_in, c_noise
 
-    def forward(self, x: State, t: Tensor) -> State:
+    def forward(self, x: State, t: Tensor, cond: Mapping[str, Tensor] | None = None) -> State:
         for k in x.keys():
             if x.constraint(k).needs_variance_exploding:
                 raise ValueError(f"EDMPrecond: field {k!r} is on the torus; predict its score instead")
@@ -42,5 +45,5 @@ class EDMPrecond(nn.Module):
         s = self.process.sigma(t).to(x.dtype) / alpha
         c_skip, c_out, c_in, c_noise = self.coefficients(s)
         y = x / alpha
-        f = self.net(y * c_in, c_noise)
+        f = self.net(y * c_in, c_noise) if cond is None else self.net(y * c_in, c_noise, cond)
         return y.lincomb(c_skip, f, c_out)

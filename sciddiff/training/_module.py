@@ -50,7 +50,8 @@ class DiffusionModule(pl.LightningModule):
 
     ``training_step`` turns the batch into a ``State`` (a ``State`` as is; a dict of dense tensors
     ``{name: [B, ...]}``; a tensor ``[B, ...]``, or a 1-tuple/list holding one as yielded by
-    ``TensorDataset``, becomes the dense field ``field``), casts floating fields to the module's
+    ``TensorDataset``, becomes the dense field ``field``; ``{"x": data, "cond": {name: Tensor[B, ...]}}``
+    trains a conditional network ``net(x, t, cond)``), casts floating fields to the module's
     dtype, and minimises ``sciddiff.core.denoising_loss`` (drawing times and noise from the global
     torch RNG: seed with ``pl.seed_everything``). The loss is logged as ``train/loss``.
 
@@ -199,6 +200,9 @@ class DiffusionModule(pl.LightningModule):
         return x
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, Mapping) and "cond" in batch:
+            return {"x": self.transfer_batch_to_device(batch["x"], device, dataloader_idx),
+                    "cond": {k: v.to(device) for k, v in batch["cond"].items()}}
         if isinstance(batch, State):
             # State.to moves the fields only; move the batch indices too.
             return State({k: v.to(device) for k, v in batch.data.items()},
@@ -207,11 +211,25 @@ class DiffusionModule(pl.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # training ----------------------------------------------------------------------------------
+    def split_cond(self, batch: Any) -> tuple[Any, dict[str, Tensor] | None]:
+        """``{"x": data, "cond": {name: Tensor[B, ...]}}`` -> (data, cond); other batches -> (batch, None)."""
+        if isinstance(batch, Mapping) and "cond" in batch:
+            if set(batch) != {"x", "cond"} or not isinstance(batch["cond"], Mapping):
+                raise ValueError(
+                    "DiffusionModule: a conditional batch must be {'x': data, 'cond': {name: tensor}}, "
+                    f"got keys {sorted(batch)}"
+                )
+            dtype = self.dtype
+            cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch["cond"].items()}
+            return batch["x"], cond
+        return batch, None
+
     def compute_loss(self, batch: Any) -> LossOutput:
         """``denoising_loss`` on one batch (a ``LossOutput``: ``loss`` scalar, ``per_system [B]``)."""
-        x0 = self.to_state(batch)
+        data, cond = self.split_cond(batch)
+        x0 = self.to_state(data)
         return denoising_loss(self.model, x0, time=self.time_sampler, weighting=self.weighting,
-                              coupling=self.coupling, sigma_data=self.sigma_data)
+                              coupling=self.coupling, sigma_data=self.sigma_data, cond=cond)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._batches_in_epoch += 1
