@@ -11,6 +11,7 @@ module imports nothing heavy at import time: ``sciddiff --help`` does not load t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -275,7 +276,7 @@ def _train_molecules(args: argparse.Namespace) -> int:
     try:
         cfg = MoleculeTrainConfig.from_json(args.config)
         if args.max_steps is not None:
-            cfg = cfg.replace(max_steps=args.max_steps)
+            cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
         out = train_molecules(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
@@ -291,7 +292,7 @@ def _train_climate(args: argparse.Namespace) -> int:
     try:
         cfg = ClimateTrainConfig.from_json(args.config)
         if args.max_steps is not None:
-            cfg = cfg.replace(max_steps=args.max_steps)
+            cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
         out = train_from_config(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc

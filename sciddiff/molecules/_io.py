@@ -290,6 +290,17 @@ def read_molecules(path: str | os.PathLike) -> list[Molecule]:
     )
 
 
+def write_molecules(path: str | os.PathLike, mols: Molecule | Sequence[Molecule | Chem.Mol]) -> None:
+    """Write by suffix: ``.sdf`` (``write_sdf``, bonds inferred) or ``.xyz`` (``write_xyz``)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".sdf":
+        write_sdf(path, mols)
+    elif suffix in (".xyz", ".extxyz"):
+        write_xyz(path, mols)
+    else:
+        raise MoleculeFileError(f"{path}: cannot write molecule file type {suffix!r} (use .sdf or .xyz)")
+
+
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such molecule file")

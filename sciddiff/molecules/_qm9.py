@@ -495,3 +495,19 @@ def load_qm9_edm_smiles(
     meta = want | {"sha256": _sha256(txt), "count": len(smiles), "of": len(data)}
     _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
     return smiles
+
+
+def load_train_smiles(spec: str | os.PathLike) -> list[str]:
+    """Reference SMILES for novelty: ``"qm9"`` (EDM's SMILES of QM9's training split, built from
+    qm9pack and cached) or a text file with one SMILES per line (blank lines and ``#`` comments
+    skipped)."""
+    if str(spec).lower() == "qm9":
+        return load_qm9_edm_smiles("train")
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such SMILES file (or pass 'qm9' for QM9's training split)")
+    smiles = [ln.split()[0] for ln in path.read_text(encoding="utf-8").splitlines()
+              if ln.strip() and not ln.lstrip().startswith("#")]
+    if not smiles:
+        raise ValueError(f"{path}: no SMILES found")
+    return smiles
