@@ -16,7 +16,7 @@ TORCH  ?= torch==2.13.0+cpu
 
 help:
 	@echo "make venv   - create $(VENV) (torch CPU first, then sciddiff[dev], editable)"
-	@echo "make demo   - quick sampler benchmark into results/demo, then print results/demo/samplers.md"
+	@echo "make demo   - bundled models end to end: molecules (SDF, PNG, metrics) and downscaling (NetCDF, PNG)"
 	@echo "make test   - pytest, then ruff"
 	@echo "make lint   - ruff only"
 	@echo "make clean  - remove results/, caches and build files (keeps $(VENV))"
@@ -32,8 +32,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: venv
-	$(BIN)/sciddiff bench samplers --quick --out results/demo
-	@cat results/demo/samplers.md
+	$(BIN)/sciddiff demo --out results/demo
 
 test: venv
 	$(BIN)/pytest -q
