@@ -155,7 +155,7 @@ def _bench_climate(args: argparse.Namespace) -> int:
     mod = load_benchmark("climate")
     try:
         mod.run(Path(args.out), quick=args.quick, checkpoint=args.checkpoint, members=args.members)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
     return 0
 
@@ -198,6 +198,10 @@ def _generate_molecules(args: argparse.Namespace) -> int:
         raise _needs("molecules", exc) from exc
     if args.n < 1:
         raise CLIError("-n must be at least 1")
+    _check_outputs(args.out, (".sdf", ".xyz", ".extxyz"))  # fail before sampling, not after
+    if args.png:
+        _check_outputs(args.png, (".png",))
+    _check_device(args.device)
     try:
         mols = sample_molecules(
             args.n, checkpoint=args.checkpoint, sampler=args.sampler, nfe=args.nfe,
@@ -207,11 +211,34 @@ def _generate_molecules(args: argparse.Namespace) -> int:
         write_molecules(args.out, mols)
         if args.png:
             plot_molecules(mols, args.png)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
     if not args.quiet:
         print(f"wrote {len(mols)} molecules to {Path(args.out).resolve()}")
     return 0
+
+
+def _check_outputs(path: str, suffixes: tuple[str, ...]) -> None:
+    """An output file's suffix is one of ``suffixes`` and its directory exists."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise CLIError(f"{p}: cannot write file type {p.suffix!r} (use {' or '.join(suffixes)})")
+    if not p.parent.is_dir():
+        raise CLIError(f"{p}: the directory {p.parent} does not exist")
+
+
+def _check_device(device: str) -> None:
+    """A torch device string that names an available device (torch's own errors are tracebacks)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device!r}: CUDA is not available in this torch build or machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -243,7 +270,7 @@ def _evaluate_molecules(args: argparse.Namespace) -> int:
         mols = read_molecules(args.file)
         train = load_train_smiles(args.train_smiles) if args.train_smiles else None
         metrics = evaluate_molecules(mols, train_smiles=train, relax=args.relax or False)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
     d = metrics.to_dict()
     if args.json:
@@ -278,7 +305,7 @@ def _train_molecules(args: argparse.Namespace) -> int:
         if args.max_steps is not None:
             cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
         out = train_molecules(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
     print(f"model written to {Path(out).resolve()}")
     return 0
@@ -294,7 +321,7 @@ def _train_climate(args: argparse.Namespace) -> int:
         if args.max_steps is not None:
             cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
         out = train_from_config(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
     print(f"model written to {Path(out).resolve()}")
     return 0
@@ -341,7 +368,7 @@ def _downscale(args: argparse.Namespace) -> int:
             else:
                 member, spread, mean = None, None, fine
             plot_maps(None, coarse, mean, member, spread, args.png, units=str(fine.attrs.get("units", "")))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, OSError, KeyError) as exc:
         raise CLIError(str(exc)) from exc
     if not args.quiet:
         print(f"wrote {Path(args.out).resolve()}")
@@ -371,7 +398,7 @@ def _demo(args: argparse.Namespace) -> int:
         report = _demo.run(args.out, molecules=args.molecules, members=args.members, quiet=args.quiet)
     except ImportError as exc:
         raise _needs("all", exc) from exc
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
     print(json.dumps(report, indent=2))
     print(f"files in {Path(args.out).resolve()}")
