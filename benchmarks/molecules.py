@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sciddiff._atomic import atomic_write_text
 from sciddiff.core import State, ZeroCoM
 from sciddiff.molecules._e3nn import E3Denoiser
 from sciddiff.molecules._egnn import EGNNDenoiser, full_edges
@@ -209,8 +209,9 @@ def run_throughput(out: Path, *, quick: bool, device: str = "cpu", threads: int 
         "edm_quoted": EDM_QUOTED, "load_average_at_start": load, "repeats": repeats,
         "wall_seconds": time.perf_counter() - started,
     }
-    _write_atomic(out / "molecules_throughput.json", json.dumps({"meta": meta, "records": records}, indent=1))
-    _write_atomic(out / "molecules_throughput.md", markdown(records, meta))
+    atomic_write_text(out / "molecules_throughput.json",
+                      json.dumps({"meta": meta, "records": records}, indent=1))
+    atomic_write_text(out / "molecules_throughput.md", markdown(records, meta))
     return records
 
 
@@ -269,7 +270,8 @@ def run_quality(out: Path, n: int, *, checkpoint: str | None = None, nfes: Seque
             records.append({"sampler": sampler, "nfe": nfe, "seconds": secs, **m})
     meta = {"hardware": hardware_line(), "device": device, "n": n, "seed": seed,
             "checkpoint": str(checkpoint or "bundled"), "training": gen.info.get("training")}
-    _write_atomic(out / "molecules_quality.json", json.dumps({"meta": meta, "records": records}, indent=1))
+    atomic_write_text(out / "molecules_quality.json",
+                      json.dumps({"meta": meta, "records": records}, indent=1))
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
 
@@ -281,7 +283,7 @@ def run_quality(out: Path, n: int, *, checkpoint: str | None = None, nfes: Seque
         f"{n} molecules per row from {meta['checkpoint']} (seed {seed}).", "",
         md_table(["sampler", "NFE", "atom stab.", "mol. stab.", "valid", "valid x unique", "novel", "s"],
                  rows, ["l", "r", "r", "r", "r", "r", "r", "r"]), ""])
-    _write_atomic(out / "molecules_quality.md", text)
+    atomic_write_text(out / "molecules_quality.md", text)
     return records
 
 
@@ -291,20 +293,6 @@ def run(out: Path, *, quick: bool, device: str = "cpu", threads: int | Sequence[
     run_throughput(out, quick=quick, device=device, threads=threads)
     if quality:
         run_quality(out, quality, device=device)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

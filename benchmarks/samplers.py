@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 import sciddiff.samplers as S
+from sciddiff._atomic import atomic_write, atomic_write_text
 from sciddiff.core import VP, Model, State
 from sciddiff.testing import GaussianMixture, random_mixture, ring_mixture
 
@@ -239,9 +240,7 @@ def make_problem(name: str, n: int, seed: int, cache_dir: Path | None = None, to
         log(f"{name}: reference done in {secs:.1f} s ({ref_nfe} evaluations)")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"x_T": x_T, "ref": ref, "nfe": ref_nfe, "tol": tol}, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.save({"x_T": x_T, "ref": ref, "nfe": ref_nfe, "tol": tol}, tmp))
     return Problem(name, dist, den, proc, x_T, ref, seed, secs, False, ref_nfe)
 
 
@@ -749,7 +748,7 @@ def _run(out_dir, quick, problems, quiet, n_samples, nfes, seed, ref_tol, includ
                 if b:
                     log(f"{nm}: best {lib} at NFE {b['nfe_budget']}: {b['error']:.4g} ({_config(b)})")
 
-    (out / "samplers.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    atomic_write_text(out / "samplers.json", json.dumps(records, indent=1))
     meta = {"hardware": hardware_line(), "mode": "quick" if quick else "full", "n_samples": n, "seed": seed,
             "ref_tol": ref_tol, "skipped": skipped, "warnings": warn, "repeats": repeats,
             "wall_seconds": time.perf_counter() - started}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 import xarray as xr
+
+from .. import _atomic
 
 Anchor = Literal["start", "centre", "end"]
 NanRule = Literal["any", "all"]
@@ -54,24 +55,14 @@ ERA5_UK_DAYS = {"train": (1, 21), "valid": (22, 24), "test": (25, 31)}
 # ------------------------------------------------------------------------------------------------
 # small utilities
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path in ``path``'s directory, then ``os.replace`` it onto
-    ``path``, so readers never see a partial file; the temporary file is removed on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name rather than mkstemp, so the file gets the usual permissions (umask), not 0600
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``sciddiff._atomic.atomic_write`` that also creates ``path``'s missing parent folders: call
+    ``write(tmp)`` on a temporary path beside ``path``, fsync, then ``os.replace`` it onto ``path``."""
+    return _atomic.atomic_write(path, write, mkdir=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see ``atomic_write``)."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating missing parent folders."""
+    return _atomic.atomic_write_text(path, text, mkdir=True)
 
 
 def data_root() -> Path:

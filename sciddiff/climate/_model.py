@@ -28,13 +28,14 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .._atomic import atomic_write, atomic_write_text
 from ..core import EDM, EDMPrecond, Model, State
 from ..samplers import dpmpp_2m, edm_rho, euler, heun, unipc
+from ._baselines import interpolate_tensor
 from ._unet import UNet
 
 Mode = Literal["diffusion", "regression"]
@@ -47,6 +48,8 @@ WEIGHTS_FILE, META_FILE = "downscaler.safetensors", "downscaler.json"
 #: Where ``load_downscaler(None)`` looks for the bundled UK 2 m temperature x4 model.
 BUNDLED_DIR = Path(__file__).parent / "checkpoints" / "uk_t2m_x4"
 DEFAULT_FREQUENCIES: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
+#: The former private writer, still imported by ``_train``.
+_atomic = atomic_write
 
 
 # ------------------------------------------------------------------------------------------------
@@ -64,18 +67,13 @@ def block_mean(fine: Tensor, factor: int) -> Tensor:
 def upsample(coarse: Tensor, factor: int, periodic_lon: bool = False) -> Tensor:
     """Bicubic upsampling ``[B, C, h, w] -> [B, C, h f, w f]`` on cell-centred grids (Keys 1981
     cubic convolution, ``a = -0.75``, as ``torch.nn.functional.interpolate(mode="bicubic",
-    align_corners=False)``; edges clamp). With ``periodic_lon`` the longitude axis is first padded
-    periodically by two coarse cells, so the interpolation wraps around a global grid."""
+    align_corners=False)``; edges clamp): ``interpolate_tensor(..., "bicubic")`` of the baselines,
+    so the model's input and the bicubic baseline are the same field. With ``periodic_lon`` the
+    longitude axis is first padded periodically by two coarse cells, so the interpolation wraps
+    around a global grid."""
     if coarse.ndim != 4:
         raise ValueError(f"upsample: expected coarse [B, C, h, w], got shape {tuple(coarse.shape)}")
-    h, w = coarse.shape[-2:]
-    if periodic_lon:
-        p = min(2, w)
-        padded = F.pad(coarse, (p, p, 0, 0), mode="circular")
-        up = F.interpolate(padded, size=(h * factor, (w + 2 * p) * factor), mode="bicubic",
-                           align_corners=False)
-        return up[..., p * factor: (p + w) * factor]
-    return F.interpolate(coarse, size=(h * factor, w * factor), mode="bicubic", align_corners=False)
+    return interpolate_tensor(coarse, factor, "bicubic", periodic_lon=periodic_lon)
 
 
 def conserve_projection(fine: Tensor, coarse: Tensor, factor: int) -> Tensor:
@@ -503,16 +501,6 @@ def _steps_for(sampler: str, nfe: int) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # save / load (safetensors + JSON, atomic, never pickle)
-def _atomic(path: Path, write) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_downscaler(directory: str | os.PathLike, model: Downscaler) -> Path:
     """Write ``model`` to ``directory``: ``downscaler.safetensors`` (both networks' weights, names
     ``regression.*`` and ``diffusion.*``) and ``downscaler.json`` (format, network configs,
@@ -522,17 +510,13 @@ def save_downscaler(directory: str | os.PathLike, model: Downscaler) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic(d / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT,
+    atomic_write(d / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT,
                                                                             "save_id": save_id}))
     doc = {"format": FORMAT, "save_id": save_id, "dtype": str(model.dtype).replace("torch.", ""),
            "regression": model.regression.config, "diffusion": model.diffusion.net.config,
            "meta": model.meta.to_dict()}
 
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-
-    _atomic(d / META_FILE, write_json)
+    atomic_write_text(d / META_FILE, json.dumps(doc, indent=1))
     return d
 
 

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .._atomic import atomic_write
+from ._data import _X_NAMES, _Y_NAMES, _temperature_unit, is_periodic_lon, spatial_dims
 from ._patches import PatchWindow, check_tiling, patchwise
 
 Mode = Literal["diffusion", "regression"]
@@ -55,13 +57,6 @@ Missing = Literal["raise", "mask"]
 
 MEMBER_DIM = "member"
 _CHANNEL_DIM = "__sciddiff_channel__"
-_Y_NAMES = ("lat", "latitude", "rlat", "y")
-_X_NAMES = ("lon", "longitude", "rlon", "x")
-_Y_STANDARD = ("latitude", "grid_latitude", "projection_y_coordinate")
-_X_STANDARD = ("longitude", "grid_longitude", "projection_x_coordinate")
-_KELVIN = ("k", "kelvin", "kelvins", "degk", "deg_k", "degrees_k")
-_CELSIUS = ("degc", "deg_c", "celsius", "degree_c", "degrees_c", "degree_celsius", "degrees_celsius",
-            "°c", "c")
 #: Encoding keys that stay meaningful on a new (fine, ensemble) grid; shape-bound ones are dropped.
 _KEEP_ENCODING = ("dtype", "_FillValue", "missing_value", "scale_factor", "add_offset", "zlib",
                   "complevel", "shuffle", "compression", "units", "calendar")
@@ -70,23 +65,15 @@ _KEEP_ENCODING = ("dtype", "_FillValue", "missing_value", "scale_factor", "add_o
 # ------------------------------------------------------------------------------------------------
 # grids, units, variables
 def grid_dims(da: xr.DataArray) -> tuple[str, str]:
-    """The ``(y, x)`` dim names of ``da``: by name (lat/lon, latitude/longitude, rlat/rlon, y/x) or
-    by the CF ``axis`` / ``standard_name`` of the dim's coordinate. Raises ``ValueError`` otherwise."""
-    def find(names: tuple[str, ...], axis: str, standard: tuple[str, ...]) -> list[str]:
-        hits = []
-        for d in da.dims:
-            attrs = da[d].attrs if d in da.coords else {}
-            if (str(d).lower() in names or attrs.get("axis", "").upper() == axis
-                    or attrs.get("standard_name") in standard):
-                hits.append(str(d))
-        return hits
-
-    ys, xs = find(_Y_NAMES, "Y", _Y_STANDARD), find(_X_NAMES, "X", _X_STANDARD)
-    if len(ys) != 1 or len(xs) != 1:
+    """The ``(y, x)`` dim names of ``da``: ``_data.spatial_dims`` (by name: lat/lon, latitude/longitude,
+    rlat/rlon, grid_latitude/grid_longitude, y/x; or by the CF ``axis`` / ``standard_name`` of the
+    dim's coordinate), with an error that points to ``downscale``'s ``spatial_dims=`` argument."""
+    try:
+        return spatial_dims(da)
+    except ValueError:
         raise ValueError(f"variable {da.name!r} with dims {tuple(da.dims)}: cannot tell its spatial dims "
                          f"(need exactly one of {_Y_NAMES} and one of {_X_NAMES}, or coordinates with "
-                         "CF axis='Y'/'X'); pass spatial_dims=(y_dim, x_dim)")
-    return ys[0], xs[0]
+                         "CF axis='Y'/'X'); pass spatial_dims=(y_dim, x_dim)") from None
 
 
 def fine_coordinate(coarse: np.ndarray, factor: int, name: str = "coordinate") -> np.ndarray:
@@ -113,14 +100,6 @@ def fine_coordinate(coarse: np.ndarray, factor: int, name: str = "coordinate") -
     return (c[:, None] + d[:, None] * offsets[None, :]).reshape(-1)
 
 
-def _unit_kind(units: str | None) -> str | None:
-    """``"K"``, ``"degC"``, or ``None`` (not a temperature unit we convert) for a units string."""
-    if units is None:
-        return None
-    u = units.strip().lower().replace(" ", "_")
-    return "K" if u in _KELVIN else "degC" if u in _CELSIUS else None
-
-
 def _unit_offset(var: str, units: str | None, model_units: str | None) -> float:
     """The additive offset taking ``var`` from its ``units`` to the model's (K <-> degC only)."""
     if model_units is None or units == model_units:
@@ -129,7 +108,8 @@ def _unit_offset(var: str, units: str | None, model_units: str | None) -> float:
         warnings.warn(f"variable {var!r} has no 'units' attribute; assuming the model's units "
                       f"{model_units!r}", stacklevel=4)
         return 0.0
-    have, want = _unit_kind(units), _unit_kind(model_units)
+    # the spellings ``check_units`` knows (K, degC, degF); only the additive K <-> degC is converted
+    have, want = _temperature_unit(units), _temperature_unit(model_units)
     if have is not None and have == want:
         return 0.0
     if {have, want} == {"K", "degC"}:
@@ -183,11 +163,9 @@ def _select(obj: xr.Dataset | xr.DataArray, var: str | Sequence[str] | None, mod
 
 
 def _is_periodic(lon: np.ndarray | None, name: str) -> bool:
-    """Whether ``lon [n]`` (degrees) closes the circle: ``n * spacing`` is 360 within half a cell."""
-    if lon is None or lon.size < 2 or name.lower() not in ("lon", "longitude", "x"):
-        return False
-    step = float(np.abs(np.mean(np.diff(lon))))
-    return abs(lon.size * step - 360.0) < 0.5 * step
+    """``_data.is_periodic_lon`` (``n * spacing`` is 360 within half a cell), where a dim named ``x``
+    also counts as a longitude (``coarsen`` and ``interpolate`` do not wrap ``x``)."""
+    return lon is not None and is_periodic_lon(lon, "lon" if name.lower() == "x" else name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,7 +544,7 @@ def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:
 def write_dataset(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """Write ``ds`` to NetCDF (``.nc``) or Zarr (``.zarr``) atomically; returns the path.
 
-    The data go to a temporary name beside ``path``, which then replaces it (``os.replace`` for a
+    The data go to a temporary name beside ``path``, which then replaces it (``atomic_write`` for a
     file; for a Zarr directory the old store is moved aside, the new one renamed in and the old one
     deleted). On any failure the temporary output is removed and an existing ``path`` is left as it
     was, so readers never see a partial file. Dask-backed data are computed while writing.
@@ -579,13 +557,16 @@ def write_dataset(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, ove
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
+    if fmt == "netcdf":
+        def write(tmp: str) -> None:
+            with _joinable_dask_pool():  # joined before atomic_write removes a failed temporary file
+                ds.to_netcdf(tmp)
+
+        return atomic_write(path, write)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with _joinable_dask_pool():
-            if fmt == "netcdf":
-                ds.to_netcdf(tmp)
-            else:
-                _zarr_ready(ds).to_zarr(tmp, mode="w-", consolidated=False)
+            _zarr_ready(ds).to_zarr(tmp, mode="w-", consolidated=False)
         _replace(tmp, path)
     except BaseException:
         _remove(tmp)
@@ -616,7 +597,8 @@ def _joinable_dask_pool():
 
 
 def _replace(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path`` (a directory aside first, since rename cannot replace one)."""
+    """Move the Zarr store ``tmp`` to ``path`` (an existing directory aside first, since rename cannot
+    replace one)."""
     if tmp.is_dir() and (path.exists() or path.is_symlink()):
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)

@@ -24,6 +24,7 @@ from e3nn.nn import FullyConnectedNet, Gate
 from torch import Tensor, nn
 
 from ..core import State, ZeroCoM
+from ._backbone import node_inputs
 from ._egnn import full_edges
 
 _ZERO_COM = ZeroCoM()
@@ -169,39 +170,11 @@ class E3Denoiser(nn.Module):
         """Constructor kwargs (JSON), for checkpoints."""
         return dict(self._config)
 
-    def _inputs(self, x: State, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Validated ``(pos [N, 3], node scalars [N, in_nf], batch [N])``."""
-        expected = {"pos", "h"} if self.h_dim else {"pos"}
-        if set(x.keys()) != expected:
-            raise ValueError(f"E3Denoiser: expected fields {sorted(expected)}, got {sorted(x.keys())}")
-        pos = x["pos"]
-        if "pos" not in x.batch or pos.ndim != 2 or pos.shape[1] != 3:
-            raise ValueError(f"E3Denoiser: 'pos' must be a flat field [N, 3], got {tuple(pos.shape)}")
-        if pos.dtype != (want := self.readout.weight.dtype):
-            raise TypeError(f"E3Denoiser: 'pos' is {pos.dtype} but the network is {want}; "
-                            "convert one of them (net.to(dtype) or state.to(dtype))")
-        batch = x.batch["pos"]
-        if self.h_dim:
-            h = x["h"]
-            if "h" not in x.batch or h.shape != (pos.shape[0], self.h_dim):
-                raise ValueError(f"E3Denoiser: 'h' must be a flat field [{pos.shape[0]}, {self.h_dim}], "
-                                 f"got {tuple(h.shape)}")
-            if x.batch["h"] is not batch and not torch.equal(x.batch["h"], batch):
-                raise ValueError("E3Denoiser: 'pos' and 'h' must share one batch index")
-            feats = [h.to(pos.dtype)]
-        else:
-            feats = [pos.new_ones(pos.shape[0], 1)]
-        if self.time_conditioning:
-            t = torch.as_tensor(t, device=pos.device)
-            t = t.expand(x.num_systems) if t.ndim == 0 else t
-            if t.shape != (x.num_systems,):
-                raise ValueError(f"E3Denoiser: t must have shape [{x.num_systems}], got {tuple(t.shape)}")
-            feats.append((t.to(pos.dtype) * self.time_scale)[batch, None])
-        return pos, torch.cat(feats, dim=1), batch
-
     def forward(self, x: State, t: Tensor) -> State:
         """``x``: State with ``pos [N, 3]`` (and ``h [N, h_dim]``); ``t [B]`` -> eps-like State."""
-        pos, feats, batch = self._inputs(x, t)
+        pos, feats, batch = node_inputs(x, t, owner="E3Denoiser", h_dim=self.h_dim,
+                                        time_conditioning=self.time_conditioning,
+                                        time_scale=self.time_scale, dtype=self.readout.weight.dtype)
         row, col = full_edges(batch, x.num_systems)
         vec = pos.index_select(0, row) - pos.index_select(0, col)  # [E, 3], from j = col to i = row
         sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")

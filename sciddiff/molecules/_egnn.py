@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..core import State, ZeroCoM
+from ._backbone import node_inputs
 
 Impl = Literal["dense", "sparse"]
 IMPLS: tuple[str, ...] = get_args(Impl)
@@ -437,41 +438,11 @@ class EGNNDenoiser(nn.Module):
         """Constructor kwargs (JSON), for checkpoints."""
         return dict(self._config)
 
-    def _inputs(self, x: State, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Validated ``(pos [N, 3], node features [N, in_nf], batch [N])``."""
-        expected = {"pos", "h"} if self.h_dim else {"pos"}
-        if set(x.keys()) != expected:
-            raise ValueError(f"EGNNDenoiser: expected fields {sorted(expected)}, got {sorted(x.keys())}")
-        pos = x["pos"]
-        if "pos" not in x.batch or pos.ndim != 2 or pos.shape[1] != 3:
-            raise ValueError(f"EGNNDenoiser: 'pos' must be a flat field [N, 3], got {tuple(pos.shape)}")
-        if pos.dtype != (want := self.embedding.weight.dtype):
-            raise TypeError(f"EGNNDenoiser: 'pos' is {pos.dtype} but the network is {want}; "
-                            "convert one of them (net.to(dtype) or state.to(dtype))")
-        batch = x.batch["pos"]
-        feats = []
-        if self.h_dim:
-            h = x["h"]
-            if "h" not in x.batch or h.shape != (pos.shape[0], self.h_dim):
-                raise ValueError(f"EGNNDenoiser: 'h' must be a flat field [{pos.shape[0]}, {self.h_dim}], "
-                                 f"got {tuple(h.shape)}")
-            if x.batch["h"] is not batch and not torch.equal(x.batch["h"], batch):
-                raise ValueError("EGNNDenoiser: 'pos' and 'h' must share one batch index")
-            feats.append(h.to(pos.dtype))
-        else:
-            feats.append(pos.new_ones(pos.shape[0], 1))
-        if self.time_conditioning:
-            t = torch.as_tensor(t, device=pos.device)
-            if t.ndim == 0:
-                t = t.expand(x.num_systems)
-            if t.shape != (x.num_systems,):
-                raise ValueError(f"EGNNDenoiser: t must have shape [{x.num_systems}], got {tuple(t.shape)}")
-            feats.append((t.to(pos.dtype) * self.time_scale)[batch, None])
-        return pos, torch.cat(feats, dim=1), batch
-
     def forward(self, x: State, t: Tensor) -> State:
         """``x``: State with ``pos [N, 3]`` (and ``h [N, h_dim]``); ``t [B]`` -> eps-like State."""
-        pos, feats, batch = self._inputs(x, t)
+        pos, feats, batch = node_inputs(x, t, owner="EGNNDenoiser", h_dim=self.h_dim,
+                                        time_conditioning=self.time_conditioning,
+                                        time_scale=self.time_scale, dtype=self.embedding.weight.dtype)
         B = x.num_systems
         g = _Sparse(batch, B) if self.impl == "sparse" else _Dense(batch, B, pos.dtype)
         x0 = g.to_nodes(pos)

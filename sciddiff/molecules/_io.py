@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._atomic import atomic_write, atomic_write_text
 from ._elements import atomic_number
 from ._types import Molecule
 
@@ -30,6 +30,10 @@ _MAX_Z = 36
 
 class MoleculeFileError(ValueError):
     """A molecule file that cannot be read; the message names the file and the line or record."""
+
+
+#: The former private writer, still imported by ``_plot``, ``_train`` and ``tests/molecules/test_io.py``.
+_atomic_write = atomic_write
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,13 +145,7 @@ def write_xyz(path: str | os.PathLike, mols: Molecule | Sequence[Molecule]) -> N
         out.append(" ".join(mol.name.split()))
         for sym, (x, y, z) in zip(symbols, mol.positions.tolist(), strict=True):
             out.append(f"{sym:<2} {x:16.8f} {y:16.8f} {z:16.8f}")
-    text = "\n".join(out) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(Path(path), write)
+    atomic_write_text(path, "\n".join(out) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +241,7 @@ def write_sdf(path: str | os.PathLike, mols: Molecule | Chem.Mol | Sequence[Mole
         finally:
             writer.close()
 
-    _atomic_write(Path(path), write)
+    atomic_write(path, write)
 
 
 def _to_writable(mol: Any, k: int) -> Chem.Mol:
@@ -318,17 +316,3 @@ def _as_molecule_list(mols: Molecule | Sequence[Molecule], fn: str) -> list[Mole
         if not isinstance(m, Molecule):
             raise TypeError(f"{fn}: item {k} is a {type(m).__name__}, expected Molecule")
     return items
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a fresh temporary name beside ``path``, fsync, then ``os.replace``: readers
-    see the old file or the new one, never a partial one; a failure removes the temporary file."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -31,8 +31,6 @@ import json
 import math
 import os
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._atomic import atomic_write, atomic_write_text
 from ._elements import atomic_number
 from ._types import SYMBOL_TO_Z, Molecule
 
@@ -313,20 +312,6 @@ def qm9_cache_dir(cache_dir: str | os.PathLike | None = None, limit: int | None 
     return Path(root).expanduser() / ("qm9" if limit is None else f"qm9_first{int(limit)}")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, then ``os.replace``: never a partial file."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would; some writers create 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def build_qm9(cache_dir: str | os.PathLike | None = None, limit: int | None = None) -> dict:
     """Parse qm9pack, split, and write all three splits plus ``provenance.json`` (written last).
 
@@ -353,9 +338,9 @@ def build_qm9(cache_dir: str | os.PathLike | None = None, limit: int | None = No
     for split, rows in split_indices(m, SEED).items():
         tensors = _take(raw, rows)
         st, txt = out / f"{split}.safetensors", out / f"{split}.smiles.txt"
-        _atomic_write(st, lambda p, t=tensors, s=split: save_file(t, str(p), metadata={"split": s}))
+        atomic_write(st, lambda tmp, t=tensors, s=split: save_file(t, tmp, metadata={"split": s}))
         text = "".join(raw.smiles[r] + "\n" for r in rows)
-        _atomic_write(txt, lambda p, t=text: p.write_text(t, encoding="utf-8"))
+        atomic_write_text(txt, text)
         files[st.name], files[txt.name] = _sha256(st), _sha256(txt)
     prov = {
         "format_version": FORMAT_VERSION,
@@ -373,7 +358,7 @@ def build_qm9(cache_dir: str | os.PathLike | None = None, limit: int | None = No
         "files": files,
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
-    _atomic_write(out / "provenance.json", lambda p: p.write_text(json.dumps(prov, indent=1) + "\n"))
+    atomic_write_text(out / "provenance.json", json.dumps(prov, indent=1) + "\n")
     return prov
 
 
@@ -491,9 +476,9 @@ def load_qm9_edm_smiles(
         if s is not None:
             smiles.append(s)
     del quiet
-    _atomic_write(txt, lambda p: p.write_text("".join(s + "\n" for s in smiles), encoding="utf-8"))
+    atomic_write_text(txt, "".join(s + "\n" for s in smiles))
     meta = want | {"sha256": _sha256(txt), "count": len(smiles), "of": len(data)}
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
     return smiles
 
 

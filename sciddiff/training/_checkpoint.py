@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .._atomic import atomic_write, atomic_write_text
 from ..core import EDM, VE, VP, EDMPrecond, GaussianProcess, LinearInterpolant
 
 if TYPE_CHECKING:
@@ -185,30 +186,6 @@ def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) 
     return {"state": state, "param_groups": groups}
 
 
-# ------------------------------------------------------------------------------------------------
-# atomic writes
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a fresh temporary name beside ``path``, fsync, then ``os.replace``: readers
-    see the old file or the new one, never a partial one; a failure removes the temporary file."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (POSIX; best effort elsewhere)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
@@ -219,15 +196,11 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, st
         seen.add(v.untyped_storage().data_ptr())
         out[k] = v
     tensors = out
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _save_json(path: Path, obj: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-
-    _atomic_write(path, write)
+    atomic_write_text(path, json.dumps(obj))
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -1,0 +1,58 @@
+"""The bundled checkpoints ship inside the package, load offline and produce sane samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rdkit")
+xr = pytest.importorskip("xarray")
+
+import sciddiff.climate as climate  # noqa: E402
+import sciddiff.molecules as molecules  # noqa: E402
+
+MAX_BYTES = 20 * 2**20
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
+
+def test_bundled_molecule_model_is_small_safetensors_and_samples():
+    d = Path(molecules.__file__).parent / "checkpoints" / "qm9_default"
+    files = sorted(f.name for f in d.iterdir())
+    assert all(f.endswith((".json", ".safetensors", ".md")) for f in files), files
+    assert _size(d) <= MAX_BYTES
+    info = json.loads((d / "molecule.json").read_text())
+    assert info["training"]["steps"] > 0
+    mols = molecules.sample_molecules(6, seed=0, nfe=10)
+    assert len(mols) == 6
+    for m in mols:
+        assert set(m.numbers.tolist()) <= {1, 6, 7, 8, 9}
+        assert np.abs(m.positions.mean(axis=0)).max() < 1e-4
+        # bonded heavy atoms are not on top of each other
+        d2 = np.linalg.norm(m.positions[:, None] - m.positions[None], axis=-1) + 10 * np.eye(len(m))
+        assert d2.min() > 0.3
+
+
+def test_bundled_downscaler_is_small_and_downscales_a_uk_like_field():
+    d = Path(climate.__file__).parent / "checkpoints" / "uk_t2m_x4"
+    assert _size(d) <= MAX_BYTES
+    model = climate.load_downscaler()
+    assert model.factor == 4 and tuple(model.variables) == ("t2m",) and tuple(model.units) == ("K",)
+    lat = np.arange(57.625, 49.9, -1.0)[:8]
+    lon = np.arange(-9.625, 2.0, 1.0)[:12]
+    rng = np.random.default_rng(0)
+    field = 278 + 2 * rng.standard_normal((1, 8, 12)).cumsum(axis=2) / 4
+    da = xr.DataArray(field, dims=("time", "lat", "lon"),
+                      coords={"time": [np.datetime64("2019-03-25T00")], "lat": lat, "lon": lon},
+                      name="t2m", attrs={"units": "K"})
+    fine = climate.downscale(da, factor=4, members=3, seed=0)
+    assert fine.sizes == {"time": 1, "member": 3, "lat": 32, "lon": 48}
+    assert fine.attrs["units"] == "K" and np.isfinite(fine.values).all()
+    # members stay near the coarse field: block means within a few K
+    blocks = fine.values.reshape(1, 3, 8, 4, 12, 4).mean(axis=(3, 5))
+    assert np.abs(blocks - field[:, None]).max() < 3.0
