@@ -1,6 +1,11 @@
 """The ``sciddiff`` command line.
 
-    sciddiff bench samplers --out DIR [--quick] [--quiet]
+    sciddiff generate molecules -n N -o OUT.sdf [--checkpoint DIR] [--png FILE]
+    sciddiff evaluate molecules FILE [--json] [--train-smiles qm9|FILE] [--relax K]
+    sciddiff train molecules|climate --config FILE --out DIR
+    sciddiff downscale IN.nc -o OUT.nc --var t2m --factor 4 --members 8
+    sciddiff bench samplers|molecules|climate --out DIR [--quick]
+    sciddiff demo [--out DIR]
     sciddiff --version
 
 Each command is a function that adds its subparser to ``COMMANDS`` (and sets ``handler``), so new
