@@ -28,14 +28,17 @@ def test_bundled_molecule_model_is_small_safetensors_and_samples():
     assert _size(d) <= MAX_BYTES
     info = json.loads((d / "molecule.json").read_text())
     assert info["training"]["steps"] > 0
-    mols = molecules.sample_molecules(6, seed=0, nfe=10)
+    mols = molecules.sample_molecules(6, seed=0)  # the model's recommended sampler and NFE
     assert len(mols) == 6
+    nearest = []
     for m in mols:
         assert set(m.numbers.tolist()) <= {1, 6, 7, 8, 9}
         assert np.abs(m.positions.mean(axis=0)).max() < 1e-4
-        # bonded heavy atoms are not on top of each other
-        d2 = np.linalg.norm(m.positions[:, None] - m.positions[None], axis=-1) + 10 * np.eye(len(m))
-        assert d2.min() > 0.3
+        d = np.linalg.norm(m.positions[:, None] - m.positions[None], axis=-1) + 10 * np.eye(len(m))
+        nearest.append(d.min(axis=1))
+    # a trained model puts each atom's nearest neighbour at a bond length (0.96-1.5 A in QM9);
+    # an untrained one gives ~0.3 A or several A
+    assert 0.9 < float(np.median(np.concatenate(nearest))) < 1.6
 
 
 def test_bundled_downscaler_is_small_and_downscales_a_uk_like_field():
