@@ -64,7 +64,8 @@ def plot_maps(truth: Any, coarse: Any, mean: Any, member: Any | None, spread: An
               path: str | os.PathLike, *, units: str = "K", title: str | None = None) -> Path:
     """Five panels ``[H, W]`` (coarse ``[h, w]``): truth, coarse input, ensemble mean, one member
     (shared colour scale, the truth's 1st-99th percentile range widened to the others') and the
-    spread (own scale). ``member``/``spread`` may be None (deterministic methods): shown as n/a."""
+    spread (own scale). Any panel but the ensemble mean may be None (e.g. no truth, or a deterministic
+    method): shown as "not available"."""
     plt = _pyplot()
     panels = [("truth", truth), ("coarse input", coarse), ("ensemble mean", mean), ("member", member),
               ("spread (std)", spread)]
@@ -76,7 +77,7 @@ def plot_maps(truth: Any, coarse: Any, mean: Any, member: Any | None, spread: An
     for ax, (name, f) in zip(axes, panels, strict=True):
         ax.set_title(name)
         if f is None:
-            ax.text(0.5, 0.5, "n/a (deterministic)", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes)
             ax.set_xticks([])
             ax.set_yticks([])
             continue
