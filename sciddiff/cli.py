@@ -297,35 +297,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--no-resume", action="store_true", help="start afresh even if --out has a checkpoint")
         p.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.set_defaults(handler=_train_molecules if name == "molecules" else _train_climate)
+        p.set_defaults(handler=_train)
 
 
-def _train_molecules(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
     try:
-        from sciddiff.molecules import MoleculeTrainConfig, train_molecules
+        if args.domain == "molecules":
+            from sciddiff.molecules import MoleculeTrainConfig as Config
+            from sciddiff.molecules import train_molecules as train
+        else:
+            from sciddiff.climate import ClimateTrainConfig as Config
+            from sciddiff.climate import train_from_config as train
     except ImportError as exc:
-        raise _needs("molecules", exc) from exc
+        raise _needs(args.domain, exc) from exc
     try:
-        cfg = MoleculeTrainConfig.from_json(args.config)
+        cfg = Config.from_json(args.config)
         if args.max_steps is not None:
+            if not hasattr(cfg, "max_steps"):
+                raise ValueError("--max-steps applies to `train molecules`; a climate config sets "
+                                 "regression_steps and diffusion_steps")
             cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
-        out = train_molecules(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
-    except (ValueError, OSError) as exc:
-        raise CLIError(str(exc)) from exc
-    print(f"model written to {Path(out).resolve()}")
-    return 0
-
-
-def _train_climate(args: argparse.Namespace) -> int:
-    try:
-        from sciddiff.climate import ClimateTrainConfig, train_from_config
-    except ImportError as exc:
-        raise _needs("climate", exc) from exc
-    try:
-        cfg = ClimateTrainConfig.from_json(args.config)
-        if args.max_steps is not None:
-            cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
-        out = train_from_config(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
+        out = train(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
     except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
     print(f"model written to {Path(out).resolve()}")
