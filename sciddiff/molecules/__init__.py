@@ -36,7 +36,6 @@ from ._io import (
 from ._metrics import MoleculeMetrics, evaluate_molecules
 from ._plot import plot_molecules
 from ._qm9 import QM9Split, load_qm9, load_qm9_edm_smiles, load_train_smiles
-from ._train import ConfigError, MoleculeTrainConfig, PolynomialVP, QM9Dataset, train_molecules
 from ._types import ATOM_SYMBOLS, ATOMIC_NUMBERS, Molecule
 
 __all__ = [
@@ -53,10 +52,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The e3nn backbone is imported on first use: e3nn is slow to import and optional for EGNN users.
-    if name == "E3Denoiser":
-        from ._e3nn import E3Denoiser
+_LAZY = {  # imported on first use: e3nn and pytorch-lightning take seconds to import
+    "E3Denoiser": "._e3nn", "ConfigError": "._train", "MoleculeTrainConfig": "._train",
+    "PolynomialVP": "._train", "QM9Dataset": "._train", "train_molecules": "._train",
+}
 
-        return E3Denoiser
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'sciddiff.molecules' has no attribute {name!r}")
