@@ -95,8 +95,11 @@ class ClimateTrainConfig:
     ``valid_fields`` (ensemble size and number of validation fields, evenly spaced in time, scored
     at the end); ``calibrate_spread``: fit the model's multiplicative ensemble inflation on those
     validation fields so their spread-skill ratio is 1 (Anderson & Anderson 1999; needs
-    ``fine_valid``; clipped to [0.5, 3]). It corrects the regression's in-sample optimism: the
-    diffusion learns the training residuals, which are smaller than out-of-sample errors.
+    ``fine_valid``; clipped to [0.5, 3]). ``residual_folds``: 0 trains the diffusion on the
+    regression's in-sample residuals (CorrDiff); ``K >= 2`` cross-fits them instead: K extra
+    regression UNets, each trained on all but one contiguous block of time steps, predict the block
+    they did not see, so the diffusion learns residuals as large as the errors it meets out of
+    sample (in-sample residuals are over-fitted, and the ensembles they teach under-disperse).
     """
 
     name: str = "downscaler"
@@ -132,6 +135,7 @@ class ClimateTrainConfig:
     valid_members: int = 8
     valid_fields: int = 24
     calibrate_spread: bool = False
+    residual_folds: int = 0
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -171,6 +175,10 @@ class ClimateTrainConfig:
         for name in ("regression_lr", "diffusion_lr", "sigma_data", "sigma_min", "sigma_max", "p_std"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)!r}")
+        if not isinstance(self.residual_folds, int) or isinstance(self.residual_folds, bool) \
+                or self.residual_folds < 0 or self.residual_folds == 1:
+            raise ConfigError(f"residual_folds: expected 0 (in-sample residuals) or an integer >= 2, "
+                              f"got {self.residual_folds!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("warmup_steps and weight_decay must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -304,7 +312,7 @@ def _lr_at(step: int, cfg: ClimateTrainConfig) -> float:
 
 
 def _train_regression(cfg: ClimateTrainConfig, net: RegressionNet, loader: DataLoader, ckpt: Path,
-                      resume: bool, progress: bool) -> dict[str, Any]:
+                      resume: bool, progress: bool, desc: str = "regression") -> dict[str, Any]:
     """Stage 1: minimise ``||up + R(cond) - fine||^2`` (normalised units). Returns the history."""
     from tqdm.auto import tqdm
 
@@ -321,7 +329,7 @@ def _train_regression(cfg: ClimateTrainConfig, net: RegressionNet, loader: DataL
     if resume and (ckpt / "state.json").is_file():
         state = _load_stage1(ckpt, net, opt, unflatten_optimizer_state, set_rng_state)
     step, t0, wall0, losses = int(state["step"]), time.time(), float(state["wall_seconds"]), []
-    bar = tqdm(total=cfg.regression_steps, initial=step, desc="regression", disable=not progress)
+    bar = tqdm(total=cfg.regression_steps, initial=step, desc=desc, disable=not progress)
 
     def save() -> None:
         state.update(step=step, wall_seconds=wall0 + time.time() - t0, rng=rng_state())
@@ -389,17 +397,46 @@ def _load_stage1(ckpt: Path, net: RegressionNet, opt: torch.optim.Optimizer, unf
 
 
 @torch.no_grad()
-def _residual_std(model: Downscaler, fine: Tensor, static: Tensor, collate: _Batch,
-                  batch: int = 64) -> tuple[list[float], Tensor]:
-    """Per-channel std of ``fine - mu`` over whole training fields, and ``mu [T, C, H, W]``."""
-    mus, dev = [], next(model.parameters()).device
+def _regression_mean(net: RegressionNet, fine: Tensor, static: Tensor, collate: _Batch,
+                     batch: int = 64) -> Tensor:
+    """``mu = up + R(cond) [T, C, H, W]`` of whole normalised fields ``fine [T, C, H, W]``."""
+    mus, dev = [], next(net.parameters()).device
     for i in range(0, fine.shape[0], batch):
         f = fine[i:i + batch].to(dev)
         cond = collate.cond(f, static.to(dev).expand(f.shape[0], -1, -1, -1))
-        mus.append(model.regression_mean(cond).cpu())
-    mu = torch.cat(mus)
+        mus.append((cond["up"] + net(cond)).cpu())
+    return torch.cat(mus)
+
+
+def _residual_std(fine: Tensor, mu: Tensor) -> list[float]:
+    """Per-channel std of ``fine - mu`` (both ``[T, C, H, W]``)."""
     std = (fine - mu).double().transpose(0, 1).reshape(fine.shape[1], -1).std(dim=1)
-    return [max(float(s), 1e-6) for s in std], mu
+    return [max(float(s), 1e-6) for s in std]
+
+
+def _out_of_fold_mean(cfg: ClimateTrainConfig, fine: Tensor, static: Tensor, collate: _Batch, out: Path,
+                      resume: bool, progress: bool) -> Tensor:
+    """Cross-fitted regression means ``[T, C, H, W]`` (Chernozhukov et al. 2018, "cross-fitting").
+
+    The ``T`` fields are cut into ``cfg.residual_folds`` contiguous blocks, so strongly correlated
+    neighbouring hours stay together; block ``k`` is predicted by a regression UNet trained, like
+    stage 1, on the other blocks (checkpoints in ``out/stage1_fold{k}``, resumable).
+    """
+    blocks = np.array_split(np.arange(fine.shape[0]), cfg.residual_folds)
+    if min(len(b) for b in blocks) < 1:
+        raise ValueError(f"residual_folds={cfg.residual_folds} needs at least that many training fields, "
+                         f"got {fine.shape[0]}")
+    mu = torch.empty_like(fine)
+    for k, held in enumerate(blocks):
+        rest = torch.as_tensor(np.setdiff1d(np.arange(fine.shape[0]), held))
+        torch.manual_seed(cfg.seed + 1 + k)
+        net = RegressionNet(fine.shape[1], collate.S, cfg.regression_unet).to(cfg.device)
+        ds = _Crops(fine[rest], static, cfg.factor, cfg.patch, cfg.flip_lon)
+        _train_regression(cfg, net, _loader(ds, cfg.batch_size, collate), out / f"stage1_fold{k}",
+                          resume, progress, desc=f"regression fold {k + 1}/{len(blocks)}")
+        net.requires_grad_(False)
+        mu[torch.as_tensor(held)] = _regression_mean(net, fine[torch.as_tensor(held)], static[None], collate)
+    return mu
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,10 +484,15 @@ def train_downscaler(
     s1 = _train_regression(config, model.regression, _loader(ds, config.batch_size, collate),
                            out / "stage1", resume, progress)
     model.regression.requires_grad_(False)
-    res_std, mu = _residual_std(model, fine_n, static[None], collate)
+    if config.residual_folds:
+        mu = _out_of_fold_mean(config, fine_n, static, collate, out, resume, progress)
+        precomputed = mu
+    else:
+        mu = _regression_mean(model.regression, fine_n, static[None], collate)
+        precomputed = mu if config.patch is None and not config.flip_lon else None
+    res_std = _residual_std(fine_n, mu)
     meta.residual_std = tuple(res_std)
 
-    precomputed = mu if config.patch is None and not config.flip_lon else None
     ds2 = _Crops(fine_n, static, config.factor, config.patch, config.flip_lon, mu=precomputed)
     collate2 = _Batch(config.factor, config.periodic_lon, meta.static_channels, model)
     process = EDM(config.sigma_min, config.sigma_max, config.sigma_data)

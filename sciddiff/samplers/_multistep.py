@@ -119,6 +119,7 @@ def _pc_loop(name: str, model: Model, x: State, grid: TimeGrid | int, order: int
     prev = None  # (iterate before the last predictor step, its grid index, the step's order)
     for i in range(loop.steps):
         p = loop.predict(x, i)
+        x_eval = x  # eps belongs to the point the model saw, not to the corrected iterate
         if corrector and prev is not None and math.isfinite(lam[prev[1]]):
             xj, j, k = prev
             x = _step(coef, xj, sg[i] / sg[j], al[i], lam[j], lam[i], hist[-1][1], hist[:-1], k, p.x0)
@@ -126,7 +127,7 @@ def _pc_loop(name: str, model: Model, x: State, grid: TimeGrid | int, order: int
             hist.append((lam[i], p.x0))
             if final_step == "adams":
                 s_i = sg[i] / al[i]
-                eps_y.append((s_i, (x / al[i] - p.x0) / s_i))
+                eps_y.append((s_i, (x_eval / al[i] - p.x0) / s_i))
         k = max(1, min(order, len(hist), loop.steps - i if lower_order_final else order))
         if loop.is_clean(i + 1) and final_step == "adams" and eps_y:
             # Adams-Bashforth on dy/ds = eps from s_i to 0 through the k latest eps values.
@@ -169,6 +170,7 @@ def dpmpp_pc(model: Model, x: State, grid: TimeGrid | int, *, order: int = 2, co
 @torch.no_grad()
 def unipc(model: Model, x: State, grid: TimeGrid | int, *, order: int = 2,
           variant: Literal["bh1", "bh2"] = "bh2", lower_order_final: bool = True,
+          final_step: Literal["adams", "denoise"] = "denoise",
           callback: Callback | None = None, progress: bool = False) -> State:
     """UniPC-p (Zhao et al. 2023) with the bh1/bh2 coefficient choice: multistep UniP predictor of
     ``order`` and the UniC corrector. Warm-up with lower orders; with ``lower_order_final`` the order
@@ -176,5 +178,5 @@ def unipc(model: Model, x: State, grid: TimeGrid | int, *, order: int = 2,
     """
     if variant not in ("bh1", "bh2"):
         raise ValueError("unipc: variant must be 'bh1' or 'bh2'")
-    return _pc_loop("unipc", model, x, grid, order, True, variant, lower_order_final, "denoise", callback,
+    return _pc_loop("unipc", model, x, grid, order, True, variant, lower_order_final, final_step, callback,
                     progress)
