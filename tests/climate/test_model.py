@@ -362,3 +362,27 @@ def test_save_is_atomic(model, tmp_path, monkeypatch):
 def test_residual_scale_matches_meta(model):
     r = model.residual_scale(torch.zeros(1, dtype=torch.float64))
     assert math.isclose(float(r.flatten()[0]), 0.2 / 0.5)
+
+
+def test_periodic_switch_equals_a_model_built_for_that_grid():
+    """A global (periodic) model run with ``periodic_lon=False`` is exactly the same weights built
+    for a regional grid, without copying a parameter; the default keeps the training grid's wrap."""
+    lat, lon = _grid()
+    static = static_features(lat, lon, frequencies=(1.0, 16.0))[None]
+    glob = _randomize(Downscaler(_meta(periodic_lon=True), TINY, TINY)).double().eval()
+    reg = Downscaler(_meta(periodic_lon=False), TINY, TINY).double().eval()
+    reg.load_state_dict(glob.state_dict())
+    coarse = 280 + torch.randn(2, 1, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(model, **kw):
+        gen = torch.Generator().manual_seed(0)
+        return model.predict(coarse, static, members=2, nfe=3, generator=gen, **kw)
+
+    switched = run(glob, periodic_lon=False)
+    torch.testing.assert_close(switched, run(reg), rtol=0, atol=0)
+    assert not torch.equal(switched, run(glob))            # the wrap matters at the edges
+    torch.testing.assert_close(run(reg, periodic_lon=True), run(glob), rtol=0, atol=0)
+    twin = glob._with_periodic(False)
+    pairs = zip(glob.parameters(), twin.parameters(), strict=True)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+    assert glob.meta.periodic_lon and "_periodic_variants" not in glob.state_dict()

