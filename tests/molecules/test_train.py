@@ -4,6 +4,7 @@ end-to-end train-and-sample run on real QM9 molecules, and resume."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,16 @@ def test_config_round_trip_and_process_defaults(tmp_path):
     flow = MoleculeTrainConfig(process="flow")
     assert (flow.resolved_param, flow.resolved_weighting, flow.resolved_time) == (
         "velocity", "simple", "uniform")
+
+
+def test_process_comparison_configs_differ_only_in_the_process():
+    """benchmarks/configs: the VP vs flow-matching comparison trains both at the same budget."""
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+    vp = MoleculeTrainConfig.from_json(root / "qm9_vp_4k.json")
+    flow = MoleculeTrainConfig.from_json(root / "qm9_flow_4k.json")
+    assert (vp.process, flow.process) == ("vp", "flow")
+    same = ("backbone", "backbone_kwargs", "lr", "batch_size", "max_steps", "seed", "ema_decay", "h_scale")
+    assert all(getattr(vp, k) == getattr(flow, k) for k in same)
 
 
 def test_presets():
