@@ -115,7 +115,9 @@ def _pc_loop(name: str, model: Model, x: State, grid: TimeGrid | int, order: int
     g = loop.grid
     lam, al, sg = g.log_snr.tolist(), g.alpha.tolist(), g.sigma.tolist()
     hist: list[tuple[float, State]] = []     # (lambda, x0) at visited points with finite lambda
-    eps_y: list[tuple[float, State]] = []    # (s, eps in scaled variables), for the Adams final step
+    # (s, x the model saw, its x0, alpha) at the latest points, for the Adams final step; eps is
+    # formed only there, so the option costs nothing per step
+    seen: list[tuple[float, State, State, float]] = []
     prev = None  # (iterate before the last predictor step, its grid index, the step's order)
     for i in range(loop.steps):
         p = loop.predict(x, i)
@@ -126,17 +128,15 @@ def _pc_loop(name: str, model: Model, x: State, grid: TimeGrid | int, order: int
         if math.isfinite(lam[i]):
             hist.append((lam[i], p.x0))
             if final_step == "adams":
-                s_i = sg[i] / al[i]
-                eps_y.append((s_i, (x_eval / al[i] - p.x0) / s_i))
+                seen = [*seen, (sg[i] / al[i], x_eval, p.x0, al[i])][-order:]
         k = max(1, min(order, len(hist), loop.steps - i if lower_order_final else order))
-        if loop.is_clean(i + 1) and final_step == "adams" and eps_y:
-            # Adams-Bashforth on dy/ds = eps from s_i to 0 through the k latest eps values.
-            recent = eps_y[len(eps_y) - min(order, len(eps_y)):]
-            nodes = [e[0] for e in recent]
+        if loop.is_clean(i + 1) and final_step == "adams" and seen:
+            # Adams-Bashforth on dy/ds = eps, y = x / alpha, from s_i to 0 through the latest eps.
+            nodes = [e[0] for e in seen]
             w = [-nodes[0]] if len(nodes) == 1 else _lagrange_weights(nodes, np.ones_like, nodes[-1], 0.0)
             x_new = x / al[i]
-            for wj, (_, e) in zip(w, recent, strict=True):
-                x_new = x_new.lincomb(1.0, e, wj)
+            for wj, (s_j, x_j, x0_j, a_j) in zip(w, seen, strict=True):  # eps_j = (x_j/a_j - x0_j)/s_j
+                x_new = x_new.lincomb(1.0, x_j, wj / (s_j * a_j)).lincomb(1.0, x0_j, -wj / s_j)
         elif loop.is_clean(i + 1):
             x_new = p.x0  # lambda' = inf: every exponential integrator reduces to the data prediction
         elif not math.isfinite(lam[i]):
