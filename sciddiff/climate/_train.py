@@ -385,7 +385,7 @@ def _save_stage1(ckpt: Path, net: RegressionNet, opt: torch.optim.Optimizer, sta
     tensors.update({"opt." + k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     doc = dict(state, optimizer=opt_json, save_id=os.urandom(8).hex())
     atomic_write(ckpt / "regression.safetensors",
-            lambda tmp: save_file(tensors, tmp, metadata={"save_id": doc["save_id"]}))
+                 lambda tmp: save_file(tensors, tmp, metadata={"save_id": doc["save_id"]}))
     atomic_write(ckpt / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(doc)))
 
 

@@ -116,7 +116,7 @@ def _pc_loop(name: str, model: Model, x: State, grid: TimeGrid | int, order: int
     lam, al, sg = g.log_snr.tolist(), g.alpha.tolist(), g.sigma.tolist()
     hist: list[tuple[float, State]] = []     # (lambda, x0) at visited points with finite lambda
     # (s, x the model saw, its x0, alpha) at the latest points, for the Adams final step; eps is
-    # formed only there, so the option costs nothing per step
+    # formed only there, so the option adds no tensor work per step
     seen: list[tuple[float, State, State, float]] = []
     prev = None  # (iterate before the last predictor step, its grid index, the step's order)
     for i in range(loop.steps):
