@@ -18,10 +18,15 @@ def _ok(r: dict[str, Any]) -> bool:
     return r["error"] is not None
 
 
+LEARNED = "learned"   # the schedule of rows on grids learned for the problem (learn_grid)
+
+
 def best_rows(records: list[dict[str, Any]], problem: str, library: str, nfe: int,
-              kind: str = "ode") -> dict[str, Any] | None:
+              kind: str = "ode", learned: bool = True) -> dict[str, Any] | None:
+    """The most accurate row; ``learned=False`` leaves out rows on learned grids."""
     cands = [r for r in records if r["problem"] == problem and r["library"] == library
-             and r["nfe_budget"] == nfe and r["kind"] == kind and _ok(r)]
+             and r["nfe_budget"] == nfe and r["kind"] == kind and _ok(r)
+             and (learned or r["schedule"] != LEARNED)]
     return min(cands, key=lambda r: r["error"]) if cands else None
 
 
@@ -43,6 +48,28 @@ def overhead_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{lib}_model_us"] = median(r["model_seconds"] / r["nfe"] * 1e6 for r in rs if r["nfe"])
             row[f"{lib}_rows"] = len(rs)
         out.append(row)
+    return out
+
+
+def matched_overheads(records: list[dict[str, Any]], problem: str,
+                      pairs: Sequence[tuple[tuple[str, str], tuple[str, str]]]) -> list[dict[str, Any]]:
+    """Per matched pair ``((sampler, schedule) in sciddiff, (sampler, schedule) in diffusers)``: the
+    median per-step overheads over the NFE both ran, their ratio and the largest relative error gap."""
+    out = []
+    for (s_smp, s_sch), (d_smp, d_sch) in pairs:
+        sel = {lib: {r["nfe_budget"]: r for r in records if r["problem"] == problem and r["library"] == lib
+                     and (r["sampler"], r["schedule"]) == key}
+               for lib, key in (("sciddiff", (s_smp, s_sch)), ("diffusers", (d_smp, d_sch)))}
+        common = [n for n in sel["sciddiff"] if n in sel["diffusers"]
+                  and _ok(sel["sciddiff"][n]) and _ok(sel["diffusers"][n])]
+        if not common:
+            continue
+        o_s = median(sel["sciddiff"][n]["overhead_per_step_us"] for n in common)
+        o_d = median(sel["diffusers"][n]["overhead_per_step_us"] for n in common)
+        gap = max(abs(sel["sciddiff"][n]["error"] - sel["diffusers"][n]["error"])
+                  / max(sel["diffusers"][n]["error"], 1e-300) for n in common)
+        out.append({"sciddiff": f"{s_smp} / {s_sch}", "diffusers": f"{d_smp} / {d_sch}", "sciddiff_us": o_s,
+                    "diffusers_us": o_d, "ratio": o_s / o_d if o_s and o_d else None, "gap": gap})
     return out
 
 
@@ -87,60 +114,81 @@ def write_markdown(path: Path, records: list[dict[str, Any]], problems: list[Pro
 
     # --- summary: best of each library
     L += ["", "## Best sciddiff vs best diffusers (ODE samplers)", "",
-          "Ratio = best sciddiff error / best diffusers error (below 1: sciddiff is more accurate).", ""]
+          "Ratio = best sciddiff error / best diffusers error (below 1: sciddiff is more accurate). "
+          "`fixed`: the best sciddiff row on a fixed schedule (no learned grid) and its ratio.", ""]
     rows = []
+
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+        return a["error"] / b["error"] if a and b and b["error"] > 0 else None
+
     for p in problems:
         for nfe in nfes:
             b = {lib: best_rows(records, p.name, lib, nfe) for lib in LIBRARIES}
-            ratio = (b["sciddiff"]["error"] / b["diffusers"]["error"]
-                     if b["sciddiff"] and b["diffusers"] and b["diffusers"]["error"] > 0 else None)
+            fixed = best_rows(records, p.name, "sciddiff", nfe, learned=False)
             cells = [p.name, str(nfe)]
             for lib in LIBRARIES:
                 r = b[lib]
                 cells += [fmt(r["error"]) if r else "-", _config(r) if r else "-"]
-            cells.append(fmt(ratio))
+            cells += [fmt(ratio(b["sciddiff"], b["diffusers"])),
+                      fmt(fixed["error"]) if fixed else "-", _config(fixed) if fixed else "-",
+                      fmt(ratio(fixed, b["diffusers"]))]
             rows.append(cells)
-    L.append(md_table(["problem", "NFE", "best sciddiff", "config", "best diffusers", "config", "ratio"],
-                      rows, ["l", "r", "r", "l", "r", "l", "r"]))
+    L.append(md_table(["problem", "NFE", "best sciddiff", "config", "best diffusers", "config", "ratio",
+                       "fixed", "config", "ratio (fixed)"],
+                      rows, ["l", "r", "r", "l", "r", "l", "r", "r", "l", "r"]))
+
+    learned = [r for r in records if r["schedule"] == LEARNED and "learn_seconds" in r]
+    if learned:
+        L += ["", "## Learned grids", "",
+              "`sciddiff.samplers.learn_grid`: the grid of the sampler fitted by Adam to the reference "
+              "solutions of separate starting points (seed and count below; never the scored x_T), through "
+              "a differentiable twin of the sampler. Cost: `learn s` wall seconds and `learn NFE` model "
+              "calls (each with a backward pass), once per problem, sampler and NFE. `vs logsnr`: error on "
+              "the learned grid / error of the same sampler on `logsnr_uniform`.", ""]
+        rows = []
+        for r in learned:
+            base = next((q for q in records if q["problem"] == r["problem"] and q["library"] == "sciddiff"
+                         and q["sampler"] == r["sampler"] and q["schedule"] == "logsnr_uniform"
+                         and q["nfe_budget"] == r["nfe_budget"] and _ok(q)), None)
+            rows.append([r["problem"], r["sampler"], str(r["nfe_budget"]),
+                         f"{r['train_samples']} (seed {r['train_seed']})", str(r["learn_iters"]),
+                         fmt(r["learn_seconds"]), str(r["learn_nfe"]),
+                         f"{fmt(r['train_loss_initial'])} -> {fmt(r['train_loss_best'])}",
+                         fmt(r["error"]) if _ok(r) else "fail", fmt(ratio(r, base))])
+        L.append(md_table(["problem", "sampler", "NFE", "train starts", "iters", "learn s", "learn NFE",
+                           "train loss", "error", "vs logsnr"], rows,
+                          ["l", "l", "r", "l", "r", "r", "r", "l", "r", "r"]))
 
     # --- overhead
+    pairs = {p.name: matched_overheads(records, p.name, matched_pairs) for p in problems}
     L += ["", "## Per-step overhead (time outside the model call)", "",
-          "Median over the ODE rows of `(seconds - model_seconds) / nfe`, in microseconds (stochastic "
-          "rows draw noise every step, which diffusers' rows here do not). The model time "
-          "is the whole network call, as a trained network's would be: for the exact model, its "
-          "noise-level lookup (sciddiff: `alpha(t), sigma(t)` of the process; diffusers: the "
+          "`(seconds - model_seconds) / nfe` in microseconds. The verdict compares like with like: the "
+          "median over the matched pairs below (the same algorithm on the same grid in both libraries) "
+          "of the sciddiff / diffusers ratio. `all ODE rows`: medians over every deterministic row of "
+          "each library, which are different sets of samplers (sciddiff's include order-3 and Adams "
+          "rows, which do more vector work per step), so they are shown for information only. The "
+          "model time is the whole network call, as a trained network's would be: for the exact model, "
+          "its noise-level lookup (sciddiff: `alpha(t), sigma(t)` of the process; diffusers: the "
           "scheduler's sigma or `alphas_cumprod` for the call) and the mixture posterior; "
           "`model us/call` shows it.", ""]
     rows = []
     for o in overhead_summary(records):
         s, d = o["sciddiff"], o["diffusers"]
-        verdict = "-" if s is None or d is None else ("yes" if s <= d else "no")
-        rows.append([o["problem"], fmt(s), fmt(d), fmt(s / d if s and d else None), verdict,
+        like = median(x["ratio"] for x in pairs.get(o["problem"], []) if x["ratio"] is not None)
+        verdict = "-" if like is None else ("yes" if like <= 1 else "no")
+        rows.append([o["problem"], fmt(like), verdict, fmt(s), fmt(d), fmt(s / d if s and d else None),
                      fmt(o["sciddiff_model_us"]), fmt(o["diffusers_model_us"])])
-    L.append(md_table(["problem", "sciddiff us/step", "diffusers us/step", "ratio", "sciddiff <= diffusers",
-                       "model us/call (sciddiff)", "model us/call (diffusers)"],
-                      rows, ["l", "r", "r", "r", "l", "r", "r"]))
+    L.append(md_table(["problem", "like-for-like ratio", "sciddiff <= diffusers", "sciddiff us/step (all)",
+                       "diffusers us/step (all)", "ratio (all ODE rows)", "model us/call (sciddiff)",
+                       "model us/call (diffusers)"],
+                      rows, ["l", "r", "l", "r", "r", "r", "r", "r"]))
 
     # --- matched pairs
     L += ["", "Like for like (the same algorithm on the same grid; median over NFE, us/step; `max rel. "
           "error gap`: the largest relative difference of the two errors over NFE, which should be "
           "at float32 level):", ""]
-    rows = []
-    for p in problems:
-        for (s_smp, s_sch), (d_smp, d_sch) in matched_pairs:
-            sel = {lib: {r["nfe_budget"]: r for r in records if r["problem"] == p.name and r["library"] == lib
-                         and (r["sampler"], r["schedule"]) == key}
-                   for lib, key in (("sciddiff", (s_smp, s_sch)), ("diffusers", (d_smp, d_sch)))}
-            common = [n for n in sel["sciddiff"] if n in sel["diffusers"]
-                      and _ok(sel["sciddiff"][n]) and _ok(sel["diffusers"][n])]
-            if not common:
-                continue
-            o_s = median(sel["sciddiff"][n]["overhead_per_step_us"] for n in common)
-            o_d = median(sel["diffusers"][n]["overhead_per_step_us"] for n in common)
-            gap = max(abs(sel["sciddiff"][n]["error"] - sel["diffusers"][n]["error"])
-                      / max(sel["diffusers"][n]["error"], 1e-300) for n in common)
-            rows.append([p.name, f"{s_smp} / {s_sch}", f"{d_smp} / {d_sch}", fmt(o_s), fmt(o_d),
-                         fmt(o_s / o_d if o_s and o_d else None), fmt(gap, 2)])
+    rows = [[name, x["sciddiff"], x["diffusers"], fmt(x["sciddiff_us"]), fmt(x["diffusers_us"]),
+             fmt(x["ratio"]), fmt(x["gap"], 2)] for name, xs in pairs.items() for x in xs]
     L.append(md_table(["problem", "sciddiff", "diffusers", "sciddiff us/step", "diffusers us/step", "ratio",
                        "max rel. error gap"], rows, ["l", "l", "l", "r", "r", "r", "r"]))
 
@@ -237,6 +285,11 @@ def write_plot(path: Path, records: list[dict[str, Any]], problems: list[Problem
             if pts:
                 ax.plot(*zip(*pts, strict=True), color=colors[lib], lw=2.4, marker="o",
                         label=f"{lib} (best ODE)")
+        if any(r["schedule"] == LEARNED for r in rs):
+            pts = [(n, b["error"]) for n in nfes
+                   if (b := best_rows(records, p.name, "sciddiff", n, learned=False))]
+            ax.plot(*zip(*pts, strict=True), color=colors["sciddiff"], lw=1.6, ls="--", marker=".",
+                    label="sciddiff (best fixed schedule)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(list(nfes))

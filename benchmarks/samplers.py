@@ -356,6 +356,48 @@ SCHEDULES: list[ScheduleEntry] = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------
+# Learned grids (``sciddiff.samplers.learn_grid``): one grid per problem, sampler and NFE, fitted on
+# starting points of their own (seed + LEARN_SEED_OFFSET) against their own reference solve, then
+# scored on the benchmark's x_T like every other row. Rows have schedule "learned" and record the
+# cost of learning (``learn_seconds``, ``learn_nfe``).
+# ------------------------------------------------------------------------------------------------
+LEARNED_SCHEDULE = "learned"
+LEARN_SEED_OFFSET = 1
+
+
+@dataclass(frozen=True)
+class LearnSpec:
+    """How grids are learned: ``n_train`` starting points, ``iters`` Adam steps at ``lr``, at the
+    budgets ``nfes`` (None: every budget of the run)."""
+
+    n_train: int
+    iters: int
+    lr: float = 0.05
+    nfes: tuple[int, ...] | None = None
+
+
+QUICK_LEARN = LearnSpec(n_train=500, iters=150, nfes=(10, 20))
+FULL_LEARN = LearnSpec(n_train=1000, iters=200)
+LEARNED_SAMPLERS: list[SamplerEntry] = [SamplerEntry("unipc", label="unipc(2)")]
+
+
+@dataclass(frozen=True)
+class FixedGrid:
+    """A precomputed grid in the place of a ``ScheduleEntry`` (valid for its own step count only)."""
+
+    grid: S.TimeGrid
+    title: str = LEARNED_SCHEDULE
+
+    def resolve(self) -> Callable[[VP, int], S.TimeGrid]:
+        def fn(proc: VP, steps: int) -> S.TimeGrid:
+            if steps != self.grid.steps:
+                raise ValueError(f"the learned grid has {self.grid.steps} steps, not {steps}")
+            return self.grid
+
+        return fn
+
+
 class ExactNet:
     """The exact mixture as a sciddiff network in the eps parameterization, timed and counted.
 
@@ -386,7 +428,7 @@ class Outcome:
     model_seconds: float
 
 
-def sample_sciddiff(entry: SamplerEntry, schedule: ScheduleEntry, problem: Problem, steps: int,
+def sample_sciddiff(entry: SamplerEntry, schedule: ScheduleEntry | FixedGrid, problem: Problem, steps: int,
                     seed: int = 0) -> Outcome:
     """Run one sciddiff sampler on ``problem.x_T`` with ``steps`` grid steps."""
     runner, sched = entry.resolve(), schedule.resolve()
@@ -623,6 +665,40 @@ def _sciddiff_rows(problem: Problem, nfes: Sequence[int], seed: int,
     return rows
 
 
+def _learned_rows(problem: Problem, nfes: Sequence[int], seed: int, spec: LearnSpec, cache_dir: Path | None,
+                  tick: Callable[[], None] | None, log: Callable[[str], None] | None = None) -> list[Row]:
+    """Rows on grids learned for ``problem`` (see ``LearnSpec``); one ``tick`` per row."""
+    budgets = [n for n in nfes if spec.nfes is None or n in spec.nfes]
+    if not budgets or not hasattr(S, "learn_grid"):
+        return []
+    train = make_problem(problem.name, spec.n_train, seed + LEARN_SEED_OFFSET, cache_dir,
+                         log=log)
+    model = Model(ExactNet(train.den, train.process, CallTimer()), train.process, "eps")
+    x, target = State.from_tensor(train.x_T.clone()), State.from_tensor(train.ref.clone())
+    rows = []
+    for entry in LEARNED_SAMPLERS:
+        for budget in budgets:
+            steps = entry.steps(budget)
+            learned = S.learn_grid(model, x, target, steps=steps, solver=entry.name, iters=spec.iters,
+                                   lr=spec.lr, t_start=T_START, **entry.kwargs)
+            fixed = FixedGrid(learned.grid)
+            row = _row(problem, "sciddiff", entry.title, fixed.title, entry.kind, budget,
+                       lambda n, k=steps: k,
+                       lambda n, e=entry, f=fixed: sample_sciddiff(e, f, problem, n, seed), DTYPE)
+            row[0].update(learn_seconds=learned.seconds, learn_nfe=learned.nfe, learn_iters=spec.iters,
+                          train_samples=spec.n_train, train_seed=train.seed,
+                          train_loss_initial=learned.initial_loss, train_loss_best=learned.best_loss,
+                          grid_t=learned.grid.t[:-1].tolist())
+            rows.append(row)
+            if log:
+                log(f"{problem.name}: learned a {steps}-step grid for {entry.title} in "
+                    f"{learned.seconds:.1f} s "
+                    f"(train loss {learned.initial_loss:.3g} -> {learned.best_loss:.3g})")
+            if tick:
+                tick()
+    return rows
+
+
 def _diffusers_rows(problem: Problem, nfes: Sequence[int], seed: int,
                     tick: Callable[[], None] | None) -> list[Row]:
     rows = []
@@ -686,7 +762,8 @@ def _warm_up(problem: Problem, with_diffusers: bool) -> None:
 def run(out_dir: str | Path, quick: bool = True, problems: Sequence[str] | None = None, quiet: bool = False,
         *, n_samples: int | None = None, nfes: Sequence[int] | None = None, seed: int = 0,
         ref_tol: float = REF_TOL, include_diffusers: bool = True,
-        threads: int | None = 1, repeats: int = 3) -> list[dict[str, Any]]:
+        threads: int | None = 1, repeats: int = 3,
+        learn: LearnSpec | None | bool = True) -> list[dict[str, Any]]:
     """Run the benchmark; writes ``samplers.json``, ``samplers.md``, ``samplers.png`` to ``out_dir``.
 
     ``quick``: 2,000 samples, NFE 5/10/20/50, problems gmm2d, gmm64d, gmm2d-aniso (under 5 min on
@@ -695,19 +772,23 @@ def run(out_dir: str | Path, quick: bool = True, problems: Sequence[str] | None 
     threads while it runs (default 1: steadier timings; small tensors gain little from more, and
     OpenMP threads on a busy machine can be much slower); ``None`` keeps the current setting.
     ``repeats``: timed runs per row, the fastest kept (the samples are identical); the extra runs are
-    rounds over all rows of a problem, both libraries interleaved. Returns the records.
+    rounds over all rows of a problem, both libraries interleaved. ``learn``: rows on learned grids
+    (``True``: the mode's ``QUICK_LEARN`` / ``FULL_LEARN``; a ``LearnSpec``; ``False``/``None``: none).
+    Returns the records.
     """
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        if learn is True:
+            learn = QUICK_LEARN if quick else FULL_LEARN
         return _run(out_dir, quick, problems, quiet, n_samples, nfes, seed, ref_tol, include_diffusers,
-                    max(1, int(repeats)))
+                    max(1, int(repeats)), learn or None)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(out_dir, quick, problems, quiet, n_samples, nfes, seed, ref_tol, include_diffusers, repeats):
+def _run(out_dir, quick, problems, quiet, n_samples, nfes, seed, ref_tol, include_diffusers, repeats, learn):
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -735,6 +816,9 @@ def _run(out_dir, quick, problems, quiet, n_samples, nfes, seed, ref_tol, includ
 
     n_sci = sum(1 for e in SCIDDIFF_SAMPLERS if e.resolve()) * sum(1 for s in SCHEDULES if s.resolve())
     per_problem = (n_sci + (len(DIFFUSERS_SCHEDULERS) if with_diffusers else 0)) * len(nfe_list)
+    if learn is not None:
+        per_problem += len(LEARNED_SAMPLERS) * sum(1 for n in nfe_list
+                                                   if learn.nfes is None or n in learn.nfes)
     records: list[dict[str, Any]] = []
     built: list[Problem] = []
     for nm in names:
@@ -743,6 +827,8 @@ def _run(out_dir, quick, problems, quiet, n_samples, nfes, seed, ref_tol, includ
         _warm_up(prob, with_diffusers)
         with tqdm(total=per_problem * repeats, desc=nm, disable=quiet, file=sys.stderr, leave=False) as bar:
             rows = _sciddiff_rows(prob, nfe_list, seed, bar.update)
+            if learn is not None:
+                rows += _learned_rows(prob, nfe_list, seed, learn, out / "cache", bar.update, log)
             if with_diffusers:
                 rows += _diffusers_rows(prob, nfe_list, seed, bar.update)
             _retime(rows, repeats - 1, bar.update)
@@ -756,6 +842,7 @@ def _run(out_dir, quick, problems, quiet, n_samples, nfes, seed, ref_tol, includ
     atomic_write_text(out / "samplers.json", json.dumps(records, indent=1))
     meta = {"hardware": hardware_line(), "mode": "quick" if quick else "full", "n_samples": n, "seed": seed,
             "ref_tol": ref_tol, "skipped": skipped, "warnings": warn, "repeats": repeats,
+            "learn": None if learn is None else dataclasses.asdict(learn),
             "wall_seconds": time.perf_counter() - started}
     write_markdown(out / "samplers.md", records, built, nfe_list, meta,
                    {p.name: PROBLEMS[p.name].description for p in built}, MATCHED_PAIRS)

@@ -104,6 +104,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch intra-op threads during the run (default 1; 0 leaves torch's setting)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers rows")
+    p.add_argument("--no-learn", action="store_true",
+                   help="skip the rows on learned grids (learn_grid; quick: NFE 10 and 20)")
     p.set_defaults(handler=_bench_samplers)
 
     p = which.add_parser(
@@ -141,7 +143,8 @@ def _bench_samplers(args: argparse.Namespace) -> int:
     try:
         mod.run(args.out, quick=args.quick, problems=args.problems, quiet=args.quiet,
                 n_samples=args.samples, nfes=args.nfe, repeats=args.repeats,
-                threads=args.threads or None, include_diffusers=not args.no_diffusers)
+                threads=args.threads or None, include_diffusers=not args.no_diffusers,
+                learn=not args.no_learn)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     if not args.quiet:

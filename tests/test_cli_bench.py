@@ -59,7 +59,9 @@ def test_rows_cover_the_registry_and_respect_the_budget(B, tiny):
     sci = [r for r in records if r["library"] == "sciddiff"]
     names = {e.title for e in B.SCIDDIFF_SAMPLERS if e.resolve() is not None}
     schedules = {s.title for s in B.SCHEDULES if s.resolve() is not None}
-    assert {(r["sampler"], r["schedule"]) for r in sci} == {(n, s) for n in names for s in schedules}
+    learned = {(e.title, B.LEARNED_SCHEDULE) for e in B.LEARNED_SAMPLERS}
+    fixed = {(n, s) for n in names for s in schedules}
+    assert {(r["sampler"], r["schedule"]) for r in sci} == fixed | learned
     for r in records:
         if r["nfe"] is not None:
             assert 1 <= r["nfe"] <= r["nfe_budget"] == 10
@@ -183,3 +185,16 @@ def test_without_diffusers_the_sciddiff_rows_still_run(B, tiny, tmp_path, monkey
     assert records and {r["library"] for r in records} == {"sciddiff"}
     assert "diffusers is not installed" in capsys.readouterr().err
     assert "diffusers is not installed" in (out / "samplers.md").read_text()
+
+
+def test_learned_grid_rows_are_scored_on_points_they_never_saw(B, tiny):
+    out, records = tiny
+    r = _row(records, "sciddiff", "unipc(2)", B.LEARNED_SCHEDULE)
+    assert r["train_seed"] != r["seed"] and r["train_samples"] == B.QUICK_LEARN.n_train
+    assert r["learn_seconds"] > 0 and r["learn_nfe"] == (B.QUICK_LEARN.iters + 1) * 10
+    assert r["train_loss_best"] < r["train_loss_initial"] and len(r["grid_t"]) == 10
+    base = _row(records, "sciddiff", "unipc(2)", "logsnr_uniform")
+    assert r["error"] < 0.5 * base["error"]
+    assert list((out / "cache").glob(f"ref-gmm2d-seed{r['train_seed']}-n{r['train_samples']}-*.pt"))
+    md = (out / "samplers.md").read_text()
+    assert "## Learned grids" in md and "ratio (fixed)" in md and "like-for-like ratio" in md

@@ -34,13 +34,17 @@ def _ddim(name: str, model: Model, x: State, grid: TimeGrid | int, eta: float,
         raise ValueError(f"{name}: eta must be >= 0")
     loop = Loop(name, model, x, grid, callback, progress)
     lam = loop.grid.log_snr.to(x.dtype)
+    a_host, s_host = loop.grid.alpha.tolist(), loop.grid.sigma.tolist()
     for i in range(loop.steps):
         p = loop.predict(x, i)
-        a1, s1 = loop.alpha[i + 1], loop.sigma[i + 1]
-        c = eta * s1 * _sqrt_pos(-torch.expm1(2 * (lam[i] - lam[i + 1]))) if eta > 0 else 0.0
-        x_new = p.x0.lincomb(a1, p.eps, _sqrt_pos(s1**2 - c**2))
-        if eta > 0 and not loop.is_clean(i + 1):
-            x_new = x_new + loop.noise(x, generator) * c
+        if eta > 0:
+            a1, s1 = loop.alpha[i + 1], loop.sigma[i + 1]
+            c = eta * s1 * _sqrt_pos(-torch.expm1(2 * (lam[i] - lam[i + 1])))
+            x_new = p.x0.lincomb(a1, p.eps, _sqrt_pos(s1**2 - c**2))
+            if not loop.is_clean(i + 1):
+                x_new = x_new + loop.noise(x, generator) * c
+        else:  # python-number coefficients: one fused pass (State.lincomb)
+            x_new = (p.x0 * a_host[i + 1]).lincomb(1.0, p.eps, s_host[i + 1])
         x = loop.finish_step(i, x_new, p.x0)
     return loop.done(x)
 
@@ -68,8 +72,8 @@ def heun(model: Model, x: State, grid: TimeGrid | int, *, callback: Callback | N
     the clean point is an Euler step. NFE = 2 * steps - 1 with a clean point."""
     loop = Loop("heun", model, x, grid, callback, progress)
     loop.require_finite_start("heun")
-    a, sg = loop.alpha, loop.sigma
-    s = sg / a
+    a = loop.grid.alpha.tolist()   # python numbers: State.lincomb fuses them into one pass
+    s = (loop.grid.sigma / loop.grid.alpha).tolist()
     for i in range(loop.steps):
         p = loop.predict(x, i)
         ds = s[i + 1] - s[i]
@@ -77,7 +81,7 @@ def heun(model: Model, x: State, grid: TimeGrid | int, *, callback: Callback | N
         y_new = y.lincomb(1.0, p.eps, ds)
         if not loop.is_clean(i + 1):
             p2 = loop.predict(y_new * a[i + 1], i + 1)
-            y_new = y.lincomb(1.0, p.eps + p2.eps, 0.5 * ds)
+            y_new = y.lincomb(1.0, p.eps, 0.5 * ds).lincomb(1.0, p2.eps, 0.5 * ds)
         x = loop.finish_step(i, y_new * a[i + 1], p.x0)
     return loop.done(x)
 
