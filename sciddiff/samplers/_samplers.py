@@ -76,13 +76,13 @@ def heun(model: Model, x: State, grid: TimeGrid | int, *, callback: Callback | N
     s = (loop.grid.sigma / loop.grid.alpha).tolist()
     for i in range(loop.steps):
         p = loop.predict(x, i)
-        ds = s[i + 1] - s[i]
-        y = x / a[i]
-        y_new = y.lincomb(1.0, p.eps, ds)
+        # in x = alpha' y: the Euler point, then the trapezoidal correction on top of it
+        h = (s[i + 1] - s[i]) * a[i + 1]
+        x_new = (x * (a[i + 1] / a[i])).lincomb(1.0, p.eps, h)
         if not loop.is_clean(i + 1):
-            p2 = loop.predict(y_new * a[i + 1], i + 1)
-            y_new = y.lincomb(1.0, p.eps, 0.5 * ds).lincomb(1.0, p2.eps, 0.5 * ds)
-        x = loop.finish_step(i, y_new * a[i + 1], p.x0)
+            p2 = loop.predict(x_new, i + 1)
+            x_new = x_new.lincomb(1.0, p2.eps, 0.5 * h).lincomb(1.0, p.eps, -0.5 * h)
+        x = loop.finish_step(i, x_new, p.x0)
     return loop.done(x)
 
 
