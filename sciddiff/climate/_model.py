@@ -260,6 +260,9 @@ class DownscalerMeta:
         sampler, nfe: default sampler and number of network evaluations for ``predict``.
         inflation: multiplicative ensemble inflation of the sampled residual (Anderson & Anderson
             1999); 1 = none. ``train_downscaler`` can fit it on validation data (``calibrate_spread``).
+        cv_means: number ``K`` of cross-fitted regression UNets (``Downscaler.folds``) whose means
+            the ensemble members take in turn (member ``m`` uses fold ``m mod K``); 0: every member
+            uses the regression UNet's mean.
         domain: training domain (``lat_min, lat_max, lon_min, lon_max, resolution, period``).
         training: training budget and data (steps, batch, patch, wall time, ...).
     """
@@ -279,6 +282,7 @@ class DownscalerMeta:
     sampler: str = "heun"
     nfe: int = 19
     inflation: float = 1.0
+    cv_means: int = 0
     domain: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -304,6 +308,8 @@ class DownscalerMeta:
             raise ValueError(f"DownscalerMeta: inflation must be positive, got {self.inflation}")
         if int(self.nfe) < 1:
             raise ValueError(f"DownscalerMeta: nfe must be >= 1, got {self.nfe}")
+        if int(self.cv_means) < 0 or int(self.cv_means) == 1:
+            raise ValueError(f"DownscalerMeta: cv_means must be 0 or at least 2, got {self.cv_means}")
         EDM(self.sigma_min, self.sigma_max, self.sigma_data)  # validates the process
 
     @property
@@ -333,12 +339,18 @@ class Downscaler(nn.Module):
         regression: ``RegressionNet`` (or UNet options for a new one).
         diffusion: ``ResidualDenoiser`` (or UNet options for a new one); it is wrapped in
             ``EDMPrecond`` with ``meta.sigma_data`` and sampled through a ``Model(..., "x0")``.
+        folds: the ``meta.cv_means`` cross-fitted regression UNets (None: new ones shaped like
+            ``regression``). Each was trained without one block of the training period, and the
+            diffusion learned the residuals they left on the block they did not see, so members
+            built on their means carry the spread between them (CV+, Barber et al. 2021) on top of
+            the sampled residual.
 
     Attributes ``factor``, ``variables``, ``units`` mirror ``meta``.
     """
 
     def __init__(self, meta: DownscalerMeta, regression: RegressionNet | Mapping[str, Any] | None = None,
-                 diffusion: ResidualDenoiser | Mapping[str, Any] | None = None) -> None:
+                 diffusion: ResidualDenoiser | Mapping[str, Any] | None = None,
+                 folds: Sequence[RegressionNet] | None = None) -> None:
         super().__init__()
         self.meta = meta
         C, S = len(meta.variables), meta.static_channels
@@ -351,6 +363,12 @@ class Downscaler(nn.Module):
                 raise ValueError(f"Downscaler: the {name} network has {net.channels} channels and "
                                  f"{net.static_channels} static channels; the metadata needs {C} and {S}")
         self.regression = regression
+        if folds is None:
+            folds = [RegressionNet(**regression.config) for _ in range(int(meta.cv_means))]
+        if len(folds) != int(meta.cv_means) or any(f.config != regression.config for f in folds):
+            raise ValueError(f"Downscaler: meta.cv_means = {meta.cv_means} needs that many fold networks "
+                             f"shaped like the regression UNet, got {len(folds)}")
+        self.folds = nn.ModuleList(folds)
         self.process = EDM(meta.sigma_min, meta.sigma_max, meta.sigma_data)
         self.diffusion = EDMPrecond(diffusion, self.process, meta.sigma_data)
         set_periodic_lon(self, meta.periodic_lon)  # the metadata decides how the convolutions pad
@@ -403,6 +421,15 @@ class Downscaler(nn.Module):
         """Normalised conditional mean ``up + R(cond)`` ``[B, C, H, W]``."""
         return cond["up"] + self.regression(cond)
 
+    def member_means(self, cond: Mapping[str, Tensor], members: int) -> Tensor:
+        """Normalised mean of each member ``[B, M, C, H, W]``: fold ``m mod K`` for member ``m`` when
+        the model has ``K = meta.cv_means`` fold networks, else the regression mean for all."""
+        if not len(self.folds):
+            return self.regression_mean(cond)[:, None].expand(-1, members, -1, -1, -1)
+        used = min(members, len(self.folds))
+        fold_mu = torch.stack([cond["up"] + f(cond) for f in list(self.folds)[:used]], 1)
+        return fold_mu[:, torch.arange(members, device=fold_mu.device) % len(self.folds)]
+
     def sampling_model(self, cond: Mapping[str, Tensor] | None = None) -> Model:
         """The diffusion network as an engine ``Model`` (EDM process, ``param="x0"``), ``cond`` bound."""
         return Model(self.diffusion, self.process, "x0", cond)
@@ -431,7 +458,8 @@ class Downscaler(nn.Module):
         members at once (so results do not depend on ``batch_size``, the number of fields per
         network call), then integrated with ``sampler`` (default ``meta.sampler``: Heun's 2nd
         order, Karras et al. 2022 Alg. 1, on the ``edm_rho`` grid) using about ``nfe`` network
-        evaluations; the residual is scaled by ``meta.inflation``. ``conserve`` projects every
+        evaluations; the residual is scaled by ``meta.inflation`` and added to the member's mean
+        (``member_means``: the fold networks' in turn, if any). ``conserve`` projects every
         member so its block means equal ``coarse`` (``conserve_projection``). ``periodic_lon``
         (None: ``meta.periodic_lon``) says whether the grid wraps in longitude, so a global model runs
         on a regional crop (zero padding) and a regional model on a global grid. Output dtype:
@@ -445,13 +473,12 @@ class Downscaler(nn.Module):
         dt = self.dtype
         x = coarse.to(dt)
         cond = self.condition(self.normalize(x), None if static is None else static.to(dt))
-        mu = self.regression_mean(cond)  # [B, C, H, W]
         if mode == "regression":
-            out = mu[:, None]
+            out = self.regression_mean(cond)[:, None]
         else:
             r = self._sample_residual(cond, members, sampler or self.meta.sampler, nfe or self.meta.nfe,
                                       generator, batch_size)
-            out = mu[:, None] + r * (self.residual_scale(r) * self.meta.inflation)
+            out = self.member_means(cond, members) + r * (self.residual_scale(r) * self.meta.inflation)
         out = self.denormalize(out)
         if conserve:
             out = conserve_projection(out, x[:, None], self.factor)
@@ -533,14 +560,18 @@ def _steps_for(sampler: str, nfe: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # save / load (safetensors + JSON, atomic, never pickle)
 def save_downscaler(directory: str | os.PathLike, model: Downscaler) -> Path:
-    """Write ``model`` to ``directory``: ``downscaler.safetensors`` (both networks' weights, names
-    ``regression.*`` and ``diffusion.*``) and ``downscaler.json`` (format, network configs,
-    ``DownscalerMeta``), each atomically, the JSON last; a shared random save id detects a directory
-    whose two files come from different saves. Returns the directory."""
+    """Write ``model`` to ``directory``: ``downscaler.safetensors`` (the networks' weights, names
+    ``regression.*``, ``diffusion.*`` and ``folds.{k}.*``, the last in float16) and
+    ``downscaler.json`` (format, network configs, ``DownscalerMeta``), each atomically, the JSON
+    last; a shared random save id detects a directory whose two files come from different saves.
+    Returns the directory."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    # The fold networks only shift member means, by amounts far above float16's rounding
+    # (relative 5e-4); halving their size keeps a 3-fold model under the 20 MB bundle limit.
+    tensors = {k: (v.half() if k.startswith("folds.") and v.is_floating_point() else v).detach().cpu()
+               .contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write(d / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT,
                                                                             "save_id": save_id}))
     doc = {"format": FORMAT, "save_id": save_id, "dtype": str(model.dtype).replace("torch.", ""),

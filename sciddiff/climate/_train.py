@@ -66,7 +66,7 @@ _DEFAULT_UNET: dict[str, Any] = {"base": 32, "mults": [1, 2, 2], "blocks": 1, "a
 _UNET_KEYS = set(_DEFAULT_UNET)
 # Options that may change between a run and its resumption (everything else must match).
 _RESUMABLE = {"name", "regression_steps", "diffusion_steps", "checkpoint_every", "valid_members",
-              "valid_fields", "sampler", "nfe", "period", "calibrate_spread"}
+              "valid_fields", "sampler", "nfe", "period", "calibrate_spread", "cv_means"}
 
 
 class ConfigError(ValueError):
@@ -106,6 +106,10 @@ class ClimateTrainConfig:
     regression UNets, each trained on all but one contiguous block of time steps, predict the block
     they did not see, so the diffusion learns residuals as large as the errors it meets out of
     sample (in-sample residuals are over-fitted, and the ensembles they teach under-disperse).
+    ``cv_means`` (with ``residual_folds``): keep those K networks in the model, and let the ensemble
+    members take their means in turn instead of the regression UNet's (CV+, Barber et al. 2021):
+    these are the means whose residuals the diffusion learned, and their disagreement adds the
+    regression's own uncertainty to the spread, which grows off the training distribution.
     """
 
     name: str = "downscaler"
@@ -142,6 +146,7 @@ class ClimateTrainConfig:
     valid_fields: int = 24
     calibrate_spread: bool = False
     residual_folds: int = 0
+    cv_means: bool = False
     data: DataName = "era5_uk"
     valid_steps: int = 2
 
@@ -187,6 +192,8 @@ class ClimateTrainConfig:
                 or self.residual_folds < 0 or self.residual_folds == 1:
             raise ConfigError(f"residual_folds: expected 0 (in-sample residuals) or an integer >= 2, "
                               f"got {self.residual_folds!r}")
+        if self.cv_means and not self.residual_folds:
+            raise ConfigError("cv_means: needs residual_folds >= 2 (the fold networks it uses)")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("warmup_steps and weight_decay must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -427,9 +434,19 @@ def _residual_std(fine: Tensor, mu: Tensor) -> list[float]:
     return [max(float(s), 1e-6) for s in std]
 
 
+@dataclass
+class _Folds:
+    """Cross-fitted regression means ``mu [T, C, H, W]``, the fold networks that made them and the
+    wall time of their training (summed over folds and resumed runs)."""
+
+    mu: Tensor
+    nets: list[RegressionNet]
+    wall_seconds: float
+
+
 def _out_of_fold_mean(cfg: ClimateTrainConfig, fine: Tensor, static: Tensor, collate: _Batch, out: Path,
-                      resume: bool, progress: bool) -> Tensor:
-    """Cross-fitted regression means ``[T, C, H, W]`` (Chernozhukov et al. 2018, "cross-fitting").
+                      resume: bool, progress: bool) -> _Folds:
+    """Cross-fitted regression means (Chernozhukov et al. 2018, "cross-fitting"), see ``_Folds``.
 
     The ``T`` fields are cut into ``cfg.residual_folds`` contiguous blocks, so strongly correlated
     neighbouring hours stay together; block ``k`` is predicted by a regression UNet trained, like
@@ -440,17 +457,30 @@ def _out_of_fold_mean(cfg: ClimateTrainConfig, fine: Tensor, static: Tensor, col
         raise ValueError(f"residual_folds={cfg.residual_folds} needs at least that many training fields, "
                          f"got {fine.shape[0]}")
     mu = torch.empty_like(fine)
+    nets, wall = [], 0.0
     for k, held in enumerate(blocks):
         rest = torch.as_tensor(np.setdiff1d(np.arange(fine.shape[0]), held))
         torch.manual_seed(cfg.seed + 1 + k)
         net = set_periodic_lon(RegressionNet(fine.shape[1], collate.S, cfg.regression_unet), cfg.periodic_lon)
         net = net.to(cfg.device)
         ds = _Crops(fine[rest], static, cfg.factor, cfg.patch, cfg.flip_lon)
-        _train_regression(cfg, net, _loader(ds, cfg.batch_size, collate), out / f"stage1_fold{k}",
-                          resume, progress, desc=f"regression fold {k + 1}/{len(blocks)}")
+        state = _train_regression(cfg, net, _loader(ds, cfg.batch_size, collate), out / f"stage1_fold{k}",
+                                  resume, progress, desc=f"regression fold {k + 1}/{len(blocks)}")
+        wall += float(state["wall_seconds"])
         net.requires_grad_(False)
         mu[torch.as_tensor(held)] = _regression_mean(net, fine[torch.as_tensor(held)], static[None], collate)
-    return mu
+        nets.append(net.eval())
+    return _Folds(mu, nets, wall)
+
+
+def _accumulate_wall(ckpt: Path, seconds: float) -> float:
+    """Add ``seconds`` to the wall time recorded in ``ckpt/wall.json`` (a stage trained over several
+    resumed runs); returns the total."""
+    path = ckpt / "wall.json"
+    total = seconds + (float(json.loads(path.read_text())["wall_seconds"]) if path.is_file() else 0.0)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"wall_seconds": total})))
+    return total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,9 +528,14 @@ def train_downscaler(
     s1 = _train_regression(config, model.regression, _loader(ds, config.batch_size, collate),
                            out / "stage1", resume, progress)
     model.regression.requires_grad_(False)
+    folds_wall = 0.0
     if config.residual_folds:
-        mu = _out_of_fold_mean(config, fine_n, static, collate, out, resume, progress)
-        precomputed = mu
+        folds = _out_of_fold_mean(config, fine_n, static, collate, out, resume, progress)
+        mu = precomputed = folds.mu
+        folds_wall = folds.wall_seconds
+        if config.cv_means:  # members take the fold means in turn (CV+); see Downscaler
+            model.folds = torch.nn.ModuleList(folds.nets).to(config.device)
+            meta.cv_means = len(folds.nets)
     else:
         mu = _regression_mean(model.regression, fine_n, static[None], collate)
         precomputed = mu if config.patch is None and not config.flip_lon else None
@@ -526,6 +561,7 @@ def train_downscaler(
         ckpt_dir=out / "stage2", resume=resume, every_n_steps=config.checkpoint_every,
         enable_progress_bar=progress, trainer_kwargs=trainer_kw)
     s2_wall = time.time() - t2
+    s2_total = _accumulate_wall(out / "stage2", s2_wall)
     model.diffusion = module.sampling_model(ema=True).net.to(config.device)
 
     report = {"config": config.to_dict(), "regression": {"steps": s1["step"], "history": s1["history"],
@@ -539,8 +575,11 @@ def train_downscaler(
             report["valid_uncalibrated"] = report["valid"]
             report["valid"] = validation_scores(model, valid, static, config)
     report["inflation"] = meta.inflation
+    # "wall_seconds" sums the stages' wall times: the core time where stages ran in parallel
+    walls = {"regression": s1["wall_seconds"], "folds": folds_wall, "diffusion": s2_total}
     meta.training = {**meta.training, "regression_steps": s1["step"], "diffusion_steps": module.step_count,
-                     "wall_seconds": s1["wall_seconds"] + s2_wall, "valid": report.get("valid")}
+                     "wall_seconds": sum(walls.values()), "wall_seconds_by_stage": walls,
+                     "valid": report.get("valid")}
     save_downscaler(out, model.cpu())
     atomic_write(out / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return out
@@ -578,7 +617,8 @@ def _check_run_dir(out: Path, cfg: ClimateTrainConfig, resume: bool) -> None:
     path = out / "run_config.json"
     mine = cfg.to_dict()
     if resume and path.is_file():
-        theirs = json.loads(path.read_text())
+        # options added since that run was written count as their defaults
+        theirs = {**ClimateTrainConfig().to_dict(), **json.loads(path.read_text())}
         diff = sorted(k for k in set(mine) | set(theirs)
                       if k not in _RESUMABLE and mine.get(k) != theirs.get(k))
         if diff:

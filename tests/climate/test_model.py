@@ -14,6 +14,7 @@ from sciddiff.climate import _model
 from sciddiff.climate._model import (
     Downscaler,
     DownscalerMeta,
+    RegressionNet,
     ResidualDenoiser,
     block_mean,
     conserve_projection,
@@ -300,6 +301,53 @@ def test_meta_validation():
         _meta(residual_std=(0.0,))
     with pytest.raises(ValueError, match="unknown sampler"):
         _meta(sampler="rk4")
+
+
+def test_cv_means_members_take_the_fold_means_in_turn(inputs):
+    """With K fold networks, member m is fold (m mod K)'s mean plus the same residual draw that a
+    model without folds adds to its regression mean."""
+    coarse, static = inputs
+    torch.manual_seed(0)
+    plain = _randomize(Downscaler(_meta(), TINY, TINY), seed=2, scale=0.05).eval()
+    folds = [_randomize(RegressionNet(**plain.regression.config), seed=10 + k, scale=0.05).eval()
+             for k in range(2)]
+    cv = Downscaler(_meta(cv_means=2), plain.regression, plain.diffusion.net, folds).eval()
+    kw = {"members": 5, "nfe": 3}
+    a = plain.predict(coarse, static, generator=torch.Generator().manual_seed(1), **kw)
+    b = cv.predict(coarse, static, generator=torch.Generator().manual_seed(1), **kw)
+    with torch.no_grad():
+        cond = cv.condition(cv.normalize(coarse), static)
+        shift = [cv.denormalize(cond["up"] + f(cond)) - cv.denormalize(cv.regression_mean(cond))
+                 for f in folds]
+    for m in range(5):
+        torch.testing.assert_close(b[:, m] - a[:, m], shift[m % 2], rtol=0, atol=1e-4)
+    assert float(shift[0].abs().max()) > 0.01 and float((shift[0] - shift[1]).abs().max()) > 0.01
+    # regression mode keeps the regression UNet's mean
+    torch.testing.assert_close(cv.predict(coarse, static, mode="regression"),
+                               plain.predict(coarse, static, mode="regression"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cv_means = 2 needs that many fold networks"):
+        Downscaler(_meta(cv_means=2), plain.regression, plain.diffusion.net, folds[:1])
+    with pytest.raises(ValueError, match="cv_means must be 0 or at least 2"):
+        _meta(cv_means=1)
+
+
+def test_cv_means_round_trip_stores_folds_in_half_precision(inputs, tmp_path):
+    coarse, static = inputs
+    torch.manual_seed(0)
+    m = _randomize(Downscaler(_meta(cv_means=2), TINY, TINY), seed=3, scale=0.05).eval()
+    save_downscaler(tmp_path, m)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "downscaler.safetensors")
+    assert {v.dtype for k, v in stored.items() if k.startswith("folds.") and v.is_floating_point()} \
+        == {torch.float16}
+    assert stored["regression.unet.head.conv.weight"].dtype == torch.float32
+    twin = load_downscaler(tmp_path)
+    assert len(twin.folds) == 2 and twin.dtype == torch.float32
+    kw = {"members": 4, "nfe": 3}
+    a = m.predict(coarse, static, generator=torch.Generator().manual_seed(3), **kw)
+    b = twin.predict(coarse, static, generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0.02)  # K: half-precision fold weights
 
 
 # ------------------------------------------------------------------------------------------------

