@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..core import Level, Model, State
 from ._grid import TimeGrid, _ends_clean, logsnr_uniform
+from ._multistep import step_dispatch
 
 Solver = Literal["unipc", "dpmpp_pc"]
 _GL_X, _GL_W = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(24))
@@ -122,14 +123,7 @@ def _bh_step(x: State, sig_ratio: Tensor, a_next: Tensor, h: Tensor, lam0: Tenso
     return out
 
 
-def _step(coef: str, x: State, sig_ratio: Tensor, a_next: Tensor, lam0: Tensor, lam1: Tensor, m0: State,
-          earlier: list[tuple[Tensor, State]], order: int, m_new: State | None) -> State:
-    if coef != "exact":
-        return _bh_step(x, sig_ratio, a_next, lam1 - lam0, lam0, m0, earlier, order, coef, m_new)
-    prev = earlier[len(earlier) - (order - 1):] if order > 1 else []
-    nodes = [h[0] for h in prev] + [lam0] + ([lam1] if m_new is not None else [])
-    x0s = [h[1] for h in prev] + [m0] + ([m_new] if m_new is not None else [])
-    return _exact_step(x, sig_ratio, a_next, lam0, lam1, nodes, x0s)
+_step = step_dispatch(_exact_step, _bh_step)
 
 
 def solve_on_grid(model: Model, x: State, t: Tensor, *, solver: Solver = "unipc", order: int = 2,

@@ -92,16 +92,24 @@ def _bh_step(x: State, sig_ratio: float, a_next: float, h: float, lam0: float, m
     return out
 
 
-def _step(coef: Coefficients, x: State, sig_ratio: float, a_next: float, lam0: float, lam1: float,
-          m0: State, earlier: list[tuple[float, State]], order: int, m_new: State | None) -> State:
-    """Predictor (``m_new is None``) or corrector from level ``lam0`` (data prediction ``m0``) to
-    ``lam1`` with ``order`` data predictions (``m0`` and the ``order - 1`` latest ``earlier``)."""
-    if coef != "exact":
-        return _bh_step(x, sig_ratio, a_next, lam1 - lam0, lam0, m0, earlier, order, coef, m_new)
-    prev = earlier[len(earlier) - (order - 1):] if order > 1 else []
-    nodes = [h[0] for h in prev] + [lam0] + ([lam1] if m_new is not None else [])
-    x0s = [h[1] for h in prev] + [m0] + ([m_new] if m_new is not None else [])
-    return _exact_step(x, sig_ratio, a_next, lam0, lam1, nodes, x0s)
+def step_dispatch(exact_step, bh_step):
+    """``step(coef, x, sig_ratio, a_next, lam0, lam1, m0, earlier, order, m_new)`` over the given
+    coefficient functions (python numbers here; tensors in ``_learn``): predictor (``m_new is
+    None``) or corrector from level ``lam0`` (data prediction ``m0``) to ``lam1`` with ``order``
+    data predictions (``m0`` and the ``order - 1`` latest ``earlier``)."""
+
+    def step(coef, x, sig_ratio, a_next, lam0, lam1, m0, earlier, order, m_new):
+        if coef != "exact":
+            return bh_step(x, sig_ratio, a_next, lam1 - lam0, lam0, m0, earlier, order, coef, m_new)
+        prev = earlier[len(earlier) - (order - 1):] if order > 1 else []
+        nodes = [h[0] for h in prev] + [lam0] + ([lam1] if m_new is not None else [])
+        x0s = [h[1] for h in prev] + [m0] + ([m_new] if m_new is not None else [])
+        return exact_step(x, sig_ratio, a_next, lam0, lam1, nodes, x0s)
+
+    return step
+
+
+_step = step_dispatch(_exact_step, _bh_step)
 
 
 def _pc_loop(name: str, model: Model, x: State, grid: TimeGrid | int, order: int, corrector: bool,
