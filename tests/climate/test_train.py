@@ -42,7 +42,7 @@ def test_uk_config_is_valid():
 
 @pytest.mark.parametrize("text, match", [
     ('{"factor": 4,\n "batch_size": }', r"invalid JSON at line 2"),
-    ('{"factr": 4}', r"unknown options \['factr'\]"),
+    ('{"factr": 4}', r"unknown options \['factr'\] \(did you mean 'factor'\?\)"),
     ('{"regression_steps": -5}', r"regression_steps: expected a positive integer"),
     ('{"patch": [30, 48]}', r"patch: \[30, 48\] must be positive multiples of factor 4"),
     ('{"sampler": "rk4"}', r"sampler: unknown 'rk4'"),
