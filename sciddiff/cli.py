@@ -360,6 +360,8 @@ def _downscale(args: argparse.Namespace) -> int:
         from sciddiff.climate import downscale_file, load_downscaler, plot_maps, read_dataset
     except ImportError as exc:
         raise _needs("climate", exc) from exc
+    if args.png:  # before the (long) downscaling, not after it
+        _check_outputs(args.png, (".png",))
     try:
         model = load_downscaler(args.checkpoint)
         out = downscale_file(args.input, args.out, var=args.var, factor=args.factor, members=args.members,

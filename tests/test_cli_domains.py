@@ -331,6 +331,9 @@ def test_downscale_error_paths(downscaler_dir, coarse_nc, tmp_path, capsys):
                  "nomodel")
     assert_error(["downscale", coarse_nc, "-o", tmp_path / "o.nc", "--var", "tp", "--checkpoint",
                   downscaler_dir, "--quiet"], capsys, "tp")
+    assert_error(["downscale", coarse_nc, *base, "--png", tmp_path / "map.jpg"], capsys, "'.jpg'")
+    assert_error(["downscale", coarse_nc, *base, "--png", tmp_path / "no" / "map.png"], capsys,
+                 "does not exist")
     assert not (tmp_path / "o.nc").exists()
 
 
