@@ -53,7 +53,7 @@ __all__ = [
 
 
 _LAZY = {  # imported on first use: e3nn and pytorch-lightning take seconds to import
-    "E3Denoiser": "._e3nn", "ConfigError": "._train", "MoleculeTrainConfig": "._train",
+    "E3Denoiser": "._e3nn", "ConfigError": "._config", "MoleculeTrainConfig": "._config",
     "PolynomialVP": "._train", "QM9Dataset": "._train", "train_molecules": "._train",
 }
 

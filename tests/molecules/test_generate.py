@@ -14,6 +14,7 @@ import torch
 
 import sciddiff.molecules._generate as G
 from sciddiff.core import EDM
+from sciddiff.molecules._config import MoleculeTrainConfig
 from sciddiff.molecules._generate import (
     GRIDS,
     SAMPLERS,
@@ -25,7 +26,7 @@ from sciddiff.molecules._generate import (
     sample_molecules,
 )
 from sciddiff.molecules._plot import plot_molecules
-from sciddiff.molecules._train import MoleculeTrainConfig, build_network, build_process, molecule_info
+from sciddiff.molecules._train import build_network, build_process, molecule_info
 from sciddiff.molecules._types import Molecule
 from sciddiff.training import DiffusionModule, save_checkpoint
 

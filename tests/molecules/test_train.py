@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from sciddiff.core import ZeroCoM
+from sciddiff.molecules._config import ConfigError, MoleculeTrainConfig
 from sciddiff.molecules._train import (
-    ConfigError,
-    MoleculeTrainConfig,
     PolynomialVP,
     QM9Dataset,
     collate_molecules,
