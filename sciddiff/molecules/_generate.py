@@ -170,7 +170,7 @@ def sample_molecules(
     checkpoint: str | os.PathLike | MoleculeGenerator | None = None,
     sampler: SamplerName | None = None,
     nfe: int | None = None,
-    grid: GridName | None = None,
+    grid: GridName | S.TimeGrid | None = None,
     num_atoms: int | Sequence[int] | None = None,
     seed: int | None = None,
     batch_size: int = 256,
@@ -186,7 +186,8 @@ def sample_molecules(
             (``molecule.json``), else ``"dpmpp_2m"``.
         nfe: model evaluations per molecule (steps are derived per sampler: Heun-type samplers
             take ``(nfe + 1) // 2`` steps); None: the recorded value, else 50.
-        grid: time grid (``GridName``); None: the recorded one, else ``"default"``.
+        grid: time grid (``GridName``, or a ``TimeGrid`` such as ``learn_grid(...).grid`` whose
+            steps match ``nfe`` for ``sampler``); None: the recorded one, else ``"default"``.
         num_atoms: None (sizes drawn from the training histogram), one size for all, or ``n`` sizes.
         seed: makes the result reproducible (sizes and prior are drawn on the CPU, so also across
             devices up to floating-point differences); None: fresh randomness.
@@ -204,7 +205,13 @@ def sample_molecules(
     sampler = sampler or rec.get("name", "dpmpp_2m")
     nfe = nfe if nfe is not None else int(rec.get("nfe", 50))
     spec, steps = _check_sampling_args(n, sampler, nfe, batch_size)
-    tgrid = make_grid(gen.model.process, steps, grid or rec.get("grid", "default"))
+    if isinstance(grid, S.TimeGrid):
+        if grid.steps != steps:
+            raise ValueError(f"sample_molecules: the grid has {grid.steps} steps; {sampler!r} at "
+                             f"nfe={nfe} takes {steps}")
+        tgrid = grid
+    else:
+        tgrid = make_grid(gen.model.process, steps, grid or rec.get("grid", "default"))
     cpu_gen = torch.Generator()
     if seed is None:
         cpu_gen.seed()

@@ -89,6 +89,23 @@ def test_sizes_seeds_and_defaults(gen_dir):
     assert [len(m) for m in noisy[0]] == [3, 7]
 
 
+def test_a_learned_grid_drives_sample_molecules(gen_dir):
+    """``learn_grid`` on the molecule State (two flat fields, zero CoM) and its grid passed on."""
+    from sciddiff.molecules._convert import prior_state
+    from sciddiff.samplers import learn_grid
+
+    gen = load_generator(gen_dir)
+    x = prior_state(torch.tensor([5, 4, 6]), gen.model.process, torch.Generator().manual_seed(0))
+    learned = learn_grid(gen.model, x, steps=4, iters=3)
+    assert learned.grid.steps == 4 and len(learned.losses) == 4
+    before = gen.model.nfe
+    mols = sample_molecules(3, checkpoint=gen, sampler="unipc", nfe=4, grid=learned.grid, seed=0,
+                            num_atoms=5)
+    assert gen.model.nfe - before == 4 and [len(m) for m in mols] == [5, 5, 5]
+    with pytest.raises(ValueError, match="the grid has 4 steps; 'unipc' at nfe=6 takes 6"):
+        sample_molecules(2, checkpoint=gen, sampler="unipc", nfe=6, grid=learned.grid)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"n": 0}, "n must be a positive integer"),
     ({"sampler": "rk4"}, "unknown sampler 'rk4'"),
