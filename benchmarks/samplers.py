@@ -43,7 +43,7 @@ from sciddiff.core import VP, Model, State
 from sciddiff.testing import GaussianMixture, random_mixture, ring_mixture
 
 from ._common import LIBRARIES, CallTimer, hardware_line
-from ._report import _config, best_rows, write_markdown, write_plot
+from ._report import LEARNED, _config, best_rows, write_markdown, write_plot
 
 DTYPE = torch.float64
 T_START = 999.0                      # DDPM's last discrete time: where every sampler starts
@@ -362,7 +362,7 @@ SCHEDULES: list[ScheduleEntry] = [
 # scored on the benchmark's x_T like every other row. Rows have schedule "learned" and record the
 # cost of learning (``learn_seconds``, ``learn_nfe``).
 # ------------------------------------------------------------------------------------------------
-LEARNED_SCHEDULE = "learned"
+LEARNED_SCHEDULE = LEARNED
 LEARN_SEED_OFFSET = 1
 
 
@@ -375,6 +375,10 @@ class LearnSpec:
     iters: int
     lr: float = 0.05
     nfes: tuple[int, ...] | None = None
+
+    def budgets(self, nfes: Sequence[int]) -> list[int]:
+        """The run's budgets at which grids are learned."""
+        return [n for n in nfes if self.nfes is None or n in self.nfes]
 
 
 QUICK_LEARN = LearnSpec(n_train=500, iters=150, nfes=(10, 20))
@@ -668,7 +672,7 @@ def _sciddiff_rows(problem: Problem, nfes: Sequence[int], seed: int,
 def _learned_rows(problem: Problem, nfes: Sequence[int], seed: int, spec: LearnSpec, cache_dir: Path | None,
                   tick: Callable[[], None] | None, log: Callable[[str], None] | None = None) -> list[Row]:
     """Rows on grids learned for ``problem`` (see ``LearnSpec``); one ``tick`` per row."""
-    budgets = [n for n in nfes if spec.nfes is None or n in spec.nfes]
+    budgets = spec.budgets(nfes)
     if not budgets or not hasattr(S, "learn_grid"):
         return []
     train = make_problem(problem.name, spec.n_train, seed + LEARN_SEED_OFFSET, cache_dir,
@@ -817,8 +821,7 @@ def _run(out_dir, quick, problems, quiet, n_samples, nfes, seed, ref_tol, includ
     n_sci = sum(1 for e in SCIDDIFF_SAMPLERS if e.resolve()) * sum(1 for s in SCHEDULES if s.resolve())
     per_problem = (n_sci + (len(DIFFUSERS_SCHEDULERS) if with_diffusers else 0)) * len(nfe_list)
     if learn is not None:
-        per_problem += len(LEARNED_SAMPLERS) * sum(1 for n in nfe_list
-                                                   if learn.nfes is None or n in learn.nfes)
+        per_problem += len(LEARNED_SAMPLERS) * len(learn.budgets(nfe_list))
     records: list[dict[str, Any]] = []
     built: list[Problem] = []
     for nm in names:

@@ -200,6 +200,10 @@ class RegressionNet(nn.Module):
     def forward(self, cond: Mapping[str, Tensor]) -> Tensor:
         return self.unet(_inputs(cond, self.static_channels))
 
+    def mean(self, cond: Mapping[str, Tensor]) -> Tensor:
+        """Normalised conditional mean ``up + R(cond)`` ``[B, C, H, W]``."""
+        return cond["up"] + self(cond)
+
 
 class ResidualDenoiser(nn.Module):
     """The diffusion network with the engine's conditional signature
@@ -419,7 +423,7 @@ class Downscaler(nn.Module):
 
     def regression_mean(self, cond: Mapping[str, Tensor]) -> Tensor:
         """Normalised conditional mean ``up + R(cond)`` ``[B, C, H, W]``."""
-        return cond["up"] + self.regression(cond)
+        return self.regression.mean(cond)
 
     def member_means(self, cond: Mapping[str, Tensor], members: int) -> Tensor:
         """Normalised mean of each member ``[B, M, C, H, W]``: fold ``m mod K`` for member ``m`` when
@@ -427,7 +431,7 @@ class Downscaler(nn.Module):
         if not len(self.folds):
             return self.regression_mean(cond)[:, None].expand(-1, members, -1, -1, -1)
         used = min(members, len(self.folds))
-        fold_mu = torch.stack([cond["up"] + f(cond) for f in list(self.folds)[:used]], 1)
+        fold_mu = torch.stack([f.mean(cond) for f in list(self.folds)[:used]], 1)
         return fold_mu[:, torch.arange(members, device=fold_mu.device) % len(self.folds)]
 
     def sampling_model(self, cond: Mapping[str, Tensor] | None = None) -> Model:

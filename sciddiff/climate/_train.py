@@ -164,7 +164,7 @@ def _train_regression(cfg: ClimateTrainConfig, net: RegressionNet, loader: DataL
             fine, cond = fine.to(dev), {k: v.to(dev) for k, v in cond.items()}
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
-            loss = torch.nn.functional.mse_loss(cond["up"] + net(cond), fine)
+            loss = torch.nn.functional.mse_loss(net.mean(cond), fine)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -225,7 +225,7 @@ def _regression_mean(net: RegressionNet, fine: Tensor, static: Tensor, collate: 
     for i in range(0, fine.shape[0], batch):
         f = fine[i:i + batch].to(dev)
         cond = collate.cond(f, static.to(dev).expand(f.shape[0], -1, -1, -1))
-        mus.append((cond["up"] + net(cond)).cpu())
+        mus.append(net.mean(cond).cpu())
     return torch.cat(mus)
 
 

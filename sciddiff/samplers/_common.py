@@ -48,8 +48,11 @@ class Loop:
         self.t = g.t.to(dt).to(x.device)
         self.alpha = g.alpha.to(dt).to(x.device)
         self.sigma = g.sigma.to(dt).to(x.device)
+        # the grid as python numbers: messages, callbacks, and coefficients that State.lincomb
+        # fuses into one pass
         self._t_host = g.t.tolist()
-        self._s_host = g.sigma.tolist()
+        self.alpha_host = g.alpha.tolist()
+        self.sigma_host = g.sigma.tolist()
         self._bar = tqdm(total=g.steps, desc=name, disable=not progress, leave=False)
 
     @property
@@ -78,7 +81,7 @@ class Loop:
         x = x.project(self.level(i + 1))
         x.check_finite(f"{self.name}, step {i + 1}/{self.steps} (t={self._t_host[i + 1]:.6g})")
         if self.callback is not None:
-            self.callback(StepInfo(i, self._t_host[i + 1], self._s_host[i + 1], x.canonical(),
+            self.callback(StepInfo(i, self._t_host[i + 1], self.sigma_host[i + 1], x.canonical(),
                                    x0.canonical()))
         self._bar.update(1)
         return x

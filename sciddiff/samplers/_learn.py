@@ -179,10 +179,6 @@ def solve_on_grid(model: Model, x: State, t: Tensor, *, solver: Solver = "unipc"
 # ------------------------------------------------------------------------------------------------
 # Learning
 # ------------------------------------------------------------------------------------------------
-def _full_log_snr(process, t: Tensor) -> Tensor:
-    return 2 * (torch.log(process.alpha(t)) - torch.log(process.sigma(t)))
-
-
 def learn_grid(model: Model, x: State, target: State | None = None, *, steps: int,
                solver: Solver = "unipc", order: int = 2, final_step: Literal["adams", "denoise"] = "denoise",
                init: TimeGrid | None = None, iters: int = 150, lr: float = 0.05,
@@ -231,7 +227,7 @@ def learn_grid(model: Model, x: State, target: State | None = None, *, steps: in
     t_end = torch.tensor(proc.t_min, dtype=f64)
     if _ends_clean(proc):
         t_end = proc.t_of_sigma_ratio(torch.tensor(1e-3, dtype=f64))
-    lam0, lam_end = _full_log_snr(proc, t0), _full_log_snr(proc, t_end)
+    lam0, lam_end = proc.log_snr(t0), proc.log_snr(t_end)
     init = logsnr_uniform(proc, steps, t_start=float(t0)) if init is None else init
     if not init.clean_last or init.steps != steps:
         raise ValueError(f"learn_grid: init must end in the clean point and have {steps} steps")
@@ -247,7 +243,7 @@ def learn_grid(model: Model, x: State, target: State | None = None, *, steps: in
     target = target.detach()
 
     # shares of [lam0, lam_end]: steps - 1 steps between model points, then the unused rest
-    lam_init = _full_log_snr(proc, init.t[:-1].to(f64))
+    lam_init = proc.log_snr(init.t[:-1].to(f64))
     span = lam_end - lam0
     shares = torch.cat([torch.diff(lam_init) / span, (lam_end - lam_init[-1:]) / span]).clamp(min=0)
     shares = (shares + _MIN_FRACTION) / (shares + _MIN_FRACTION).sum()

@@ -121,7 +121,7 @@ def _pc_loop(name: str, model: Model, x: State, grid: TimeGrid | int, order: int
         raise ValueError(f"{name}: final_step must be 'adams' or 'denoise'")
     loop = Loop(name, model, x, grid, callback, progress)
     g = loop.grid
-    lam, al, sg = g.log_snr.tolist(), g.alpha.tolist(), g.sigma.tolist()
+    lam, al, sg = g.log_snr.tolist(), loop.alpha_host, loop.sigma_host
     hist: list[tuple[float, State]] = []     # (lambda, x0) at visited points with finite lambda
     # (s, x the model saw, its x0, alpha) at the latest points, for the Adams final step; eps is
     # formed only there, so the option adds no tensor work per step

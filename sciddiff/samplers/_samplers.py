@@ -34,7 +34,6 @@ def _ddim(name: str, model: Model, x: State, grid: TimeGrid | int, eta: float,
         raise ValueError(f"{name}: eta must be >= 0")
     loop = Loop(name, model, x, grid, callback, progress)
     lam = loop.grid.log_snr.to(x.dtype)
-    a_host, s_host = loop.grid.alpha.tolist(), loop.grid.sigma.tolist()
     for i in range(loop.steps):
         p = loop.predict(x, i)
         if eta > 0:
@@ -44,7 +43,7 @@ def _ddim(name: str, model: Model, x: State, grid: TimeGrid | int, eta: float,
             if not loop.is_clean(i + 1):
                 x_new = x_new + loop.noise(x, generator) * c
         else:  # python-number coefficients: one fused pass (State.lincomb)
-            x_new = (p.x0 * a_host[i + 1]).lincomb(1.0, p.eps, s_host[i + 1])
+            x_new = (p.x0 * loop.alpha_host[i + 1]).lincomb(1.0, p.eps, loop.sigma_host[i + 1])
         x = loop.finish_step(i, x_new, p.x0)
     return loop.done(x)
 
@@ -72,8 +71,8 @@ def heun(model: Model, x: State, grid: TimeGrid | int, *, callback: Callback | N
     the clean point is an Euler step. NFE = 2 * steps - 1 with a clean point."""
     loop = Loop("heun", model, x, grid, callback, progress)
     loop.require_finite_start("heun")
-    a = loop.grid.alpha.tolist()   # python numbers: State.lincomb fuses them into one pass
-    s = (loop.grid.sigma / loop.grid.alpha).tolist()
+    a = loop.alpha_host   # python numbers: State.lincomb fuses them into one pass
+    s = [sg / al for sg, al in zip(loop.sigma_host, a, strict=True)]
     for i in range(loop.steps):
         p = loop.predict(x, i)
         # in x = alpha' y: the Euler point, then the trapezoidal correction on top of it
