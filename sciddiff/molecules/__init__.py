@@ -23,7 +23,7 @@ from ._convert import (
     to_ase,
 )
 from ._egnn import EGNNDenoiser
-from ._generate import MoleculeGenerator, generate, load_generator, sample_molecules
+from ._generate import MoleculeGenerator, export_generator, generate, load_generator, sample_molecules
 from ._io import (
     MoleculeFileError,
     read_molecules,
@@ -42,7 +42,7 @@ __all__ = [
     "ALLOWED_BONDS", "bond_orders", "get_bond_order", "to_rdkit",
     "NumAtomsDistribution", "from_ase", "from_rdkit", "molecules_to_state", "prior_state",
     "state_to_molecules", "to_ase", "EGNNDenoiser",
-    "MoleculeGenerator", "generate", "load_generator", "sample_molecules",
+    "MoleculeGenerator", "export_generator", "generate", "load_generator", "sample_molecules",
     "MoleculeFileError", "read_molecules", "read_sdf", "read_xyz", "write_molecules", "write_sdf",
     "write_xyz",
     "MoleculeMetrics", "evaluate_molecules", "plot_molecules",

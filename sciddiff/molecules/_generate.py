@@ -132,6 +132,29 @@ def load_generator(path: str | os.PathLike | None = None, *, device: str | torch
     return _load_cached(str(d.resolve()), stamp, str(torch.device(device)), ema)
 
 
+
+def export_generator(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     dtype: Literal["float32", "float16", "bfloat16"] = "float16") -> Path:
+    """An inference-only copy of a generator directory (what the bundled model is made with).
+
+    The EMA weights become the network's, stored as ``dtype`` (the 9 x 256 EGNN: 10.7 MB in
+    float16 against 42.7 MB for raw + EMA in float32); no optimizer or RNG state. ``molecule.json``,
+    the training ``config.json`` and ``history.json`` are copied. ``load_generator(out_dir)`` reads
+    it, casting the weights back to float32. Returns ``out_dir`` as a ``Path``.
+    """
+    import shutil
+
+    from ..training import export_checkpoint
+
+    src, dst = Path(run_dir), Path(out_dir)
+    if not (src / MOLECULE_FILE).is_file():
+        raise FileNotFoundError(f"{src}: not a molecule generator directory (no {MOLECULE_FILE})")
+    export_checkpoint(src, dst, dtype=dtype)
+    for name in (MOLECULE_FILE, "config.json", "history.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    return dst
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, stamp: int, device: str, ema: bool) -> MoleculeGenerator:
     from ..training import DiffusionModule

@@ -8,6 +8,7 @@ Public API::
                     warmup_steps, ema_decay, ...)          # a pl.LightningModule
     fit(module, dataloader, *, max_steps, ckpt_dir=None, resume=True, ...)  # resumable training
     save_checkpoint(dir, module) / load_checkpoint(dir) -> Checkpoint
+    export_checkpoint(src, dst, dtype="float16")         # inference-only (EMA weights, no optimizer)
     SafetensorsCheckpoint(dirpath, every_n_steps)          # a pl.Callback
     EMA(net, decay=0.999, warmup=True)
     MLPDenoiser(dim, hidden=128, layers=3, time_embedding="fourier", *, process=None, ...)
@@ -16,6 +17,7 @@ Public API::
 from ._checkpoint import (
     Checkpoint,
     SafetensorsCheckpoint,
+    export_checkpoint,
     fit,
     has_checkpoint,
     load_checkpoint,
@@ -30,7 +32,7 @@ from ._mlp import MLPDenoiser
 from ._module import DiffusionModule
 
 __all__ = [
-    "Checkpoint", "SafetensorsCheckpoint", "fit", "has_checkpoint", "load_checkpoint", "network_config",
-    "network_from_config", "process_config", "process_from_config", "save_checkpoint",
+    "Checkpoint", "SafetensorsCheckpoint", "export_checkpoint", "fit", "has_checkpoint", "load_checkpoint",
+    "network_config", "network_from_config", "process_config", "process_from_config", "save_checkpoint",
     "EMA", "MLPDenoiser", "DiffusionModule",
 ]

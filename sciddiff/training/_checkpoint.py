@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -324,6 +324,40 @@ def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
             optimizer = unflatten_optimizer_state(opt_tensors, state["optimizer"])
     return Checkpoint(network=network, ema=ema, optimizer=optimizer, extra=extra, state=state)
 
+
+
+ExportDtype = Literal["float32", "float16", "bfloat16"]
+
+
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: ExportDtype = "float32",
+                      ema: bool = True) -> Path:
+    """An inference-only copy of the checkpoint in ``src``, written to ``dst``; returns ``dst``.
+
+    The EMA weights (``ema`` and present; else the raw ones) become the network's weights, floating
+    tensors are stored as ``dtype`` (half precision halves the file; loading casts back to the
+    model's float32 parameters), and the optimizer and RNG states are dropped. The result loads with
+    ``DiffusionModule.from_checkpoint``; resuming training from it restarts the optimizer and EMA.
+    """
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"export_checkpoint: dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"export_checkpoint: {dst} is the source checkpoint; export to another directory")
+    ckpt = load_checkpoint(src)
+    weights = dict(ckpt.network)
+    if ema and ckpt.ema is not None:
+        weights.update(ckpt.ema)
+    weights = {k: v.to(dtypes[dtype]) if v.is_floating_point() else v for k, v in weights.items()}
+    d = Path(dst)
+    d.mkdir(parents=True, exist_ok=True)
+    save_id = uuid.uuid4().hex
+    _save_tensors(d / MODEL_FILE, weights, {"format": FORMAT, "global_step": str(ckpt.global_step),
+                                            "save_id": save_id, "dtype": dtype})
+    (d / OPTIMIZER_FILE).unlink(missing_ok=True)  # a stale one would fail the save-id check
+    state = {**ckpt.state, "save_id": save_id, "ema": None, "optimizer": None, "rng": None,
+             "exported": {"dtype": dtype, "weights": "ema" if ema and ckpt.ema is not None else "raw"}}
+    _save_json(d / STATE_FILE, state)
+    return d
 
 # ------------------------------------------------------------------------------------------------
 class SafetensorsCheckpoint(pl.Callback):

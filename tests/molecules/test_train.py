@@ -223,6 +223,24 @@ def test_samples_decode_with_requested_sizes(trained):
     assert {len(m) for m in drawn} <= support
 
 
+
+def test_export_generator_samples_like_the_run(trained, tmp_path):
+    from sciddiff.molecules import export_generator
+    from sciddiff.molecules._generate import sample_molecules
+
+    out = export_generator(trained, tmp_path / "bundle", dtype="float32")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.json", "model.safetensors",
+                                                      "molecule.json", "state.json"]
+    a = sample_molecules(4, checkpoint=trained, num_atoms=6, seed=0, nfe=6)
+    b = sample_molecules(4, checkpoint=out, num_atoms=6, seed=0, nfe=6)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.numbers, y.numbers)
+        np.testing.assert_allclose(x.positions, y.positions, rtol=0, atol=1e-6)
+    half = export_generator(trained, tmp_path / "half")
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
+    with pytest.raises(FileNotFoundError, match="molecule.json"):
+        export_generator(tmp_path / "half" / "nowhere", tmp_path / "x")
+
 E3NN_TINY = {"hidden_irreps": "8x0e + 2x0o + 2x1o + 2x1e", "layers": 1, "lmax": 1, "radial_hidden": 8}
 
 
