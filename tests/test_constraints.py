@@ -51,6 +51,9 @@ def test_zero_com_dense_project(dtype, tol, gen):
     assert_close(p.mean(1), torch.zeros(4, 3, dtype=dtype), **tol)
     assert_close(c.project(p, None, 4), p, **tol)
     assert_close(x - p, x.mean(1, keepdim=True).expand_as(x), **tol)
+    # a flat field without its batch index would silently average over the coordinates
+    with pytest.raises(ValueError, match="need their batch index"):
+        c.project(x[0], None, 1)
 
 
 def test_zero_com_noise_and_prior_in_subspace(dtype, tol, gen):
@@ -181,6 +184,17 @@ def test_masked_with_inner_zero_com(dtype, tol, gen):
     assert_close(p[~mask], ZeroCoM().project(x, None, 3)[~mask], **tol)
     assert_close(m.prior(z, 2.0, None, 3), 2.0 * ZeroCoM().project_noise(z, None, 3), **tol)
     assert m.dof(x, None, 3).tolist() == [4.0, 4.0, 4.0]  # (4-1)*2 - 2 known
+
+
+def test_masked_follows_the_field_dtype(gen):
+    """Known values stored in float64 serve a float32 field (as after ``State.to``)."""
+    mask, known = _masked_setup(torch.float64, gen)
+    m = Masked.create(mask, known, generator=gen)
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float32)
+    p = m.project(x, None, 4, Level(0.3, 0.4))
+    assert p.dtype == torch.float32 and m.known.dtype == torch.float32
+    assert_close(p[mask], (0.3 * known + 0.4 * m.noise.double())[mask].float())
+    assert torch.equal(p[~mask], x[~mask])
 
 
 def test_masked_create_reproducible(dtype, gen):

@@ -41,13 +41,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .._atomic import atomic_write
-from ..core import EDM, EDMPrecond
 from ._config import _RESUMABLE, ClimateTrainConfig, ConfigError
 from ._model import (
     Downscaler,
     DownscalerMeta,
     RegressionNet,
-    ResidualDenoiser,
     block_mean,
     save_downscaler,
     set_periodic_lon,
@@ -345,11 +343,8 @@ def train_downscaler(
 
     ds2 = _Crops(fine_n, static, config.factor, config.patch, config.flip_lon, mu=precomputed)
     collate2 = _Batch(config.factor, config.periodic_lon, meta.static_channels, model)
-    process = EDM(config.sigma_min, config.sigma_max, config.sigma_data)
-    net = EDMPrecond(ResidualDenoiser(len(config.variables), meta.static_channels, config.diffusion_unet),
-                     process, config.sigma_data)
-    set_periodic_lon(net, config.periodic_lon)
-    module = DiffusionModule(net, process, "x0", weighting="edm", time="lognormal",
+    # the Downscaler's own (EDM-preconditioned, periodic where set) network is trained in place
+    module = DiffusionModule(model.diffusion, model.process, "x0", weighting="edm", time="lognormal",
                              time_kwargs={"p_mean": config.p_mean, "p_std": config.p_std},
                              lr=config.diffusion_lr, weight_decay=config.weight_decay,
                              warmup_steps=config.warmup_steps, ema_decay=config.ema_decay)

@@ -66,6 +66,9 @@ class Euclidean(Constraint):
 def _segment_mean(x: Tensor, batch: Tensor | None, num_systems: int) -> Tensor:
     """Mean over the elements of each system; returns one row per element (same shape as x)."""
     if batch is None:  # dense [B, N, d]: mean over the element dim
+        if x.ndim != 3:
+            raise ValueError(f"ZeroCoM: a field without a batch index must be dense [B, N, d], got shape "
+                             f"{tuple(x.shape)}; flat fields [N_total, d] need their batch index")
         return x.mean(dim=1, keepdim=True).expand_as(x)
     sums = x.new_zeros((num_systems, *x.shape[1:])).index_add_(0, batch, x)
     counts = torch.bincount(batch, minlength=num_systems).clamp(min=1).to(x.dtype)
@@ -160,9 +163,16 @@ class Masked(Constraint):
     def project_noise(self, z: Tensor, batch: Tensor | None, num_systems: int) -> Tensor:
         return self.inner.project_noise(z, batch, num_systems)
 
+    def _follow(self, x: Tensor) -> None:
+        """Move the stored tensors to ``x``'s device and dtype (once; e.g. after ``State.to``)."""
+        if self.known.device != x.device or self.known.dtype != x.dtype:
+            self.mask = self.mask.to(x.device)
+            self.known, self.noise = self.known.to(x), self.noise.to(x)
+
     def project(
         self, x: Tensor, batch: Tensor | None, num_systems: int, level: Level | None = None
     ) -> Tensor:
+        self._follow(x)
         x = self.inner.project(x, batch, num_systems, level)
         if level is None:
             return torch.where(self.mask, self.known, x)
