@@ -384,8 +384,8 @@ class LearnSpec:
 QUICK_LEARN = LearnSpec(n_train=500, iters=150, nfes=(10, 20))
 FULL_LEARN = LearnSpec(n_train=1000, iters=200)
 #: Grids are learned for these: order 2 with the denoise final step wins at few steps; order 3 with
-#: the Adams final step at many (the denoise step caps the error near 3e-3 on the anisotropic
-#: mixtures at NFE 50-100, whatever the grid).
+#: the Adams final step at many (the denoise step caps the error at 3e-3 on gmm16d-aniso at
+#: NFE 50-100, whatever the grid).
 LEARNED_SAMPLERS: list[SamplerEntry] = [
     SamplerEntry("unipc", label="unipc(2)"),
     SamplerEntry("unipc", kwargs={"order": 3, "final_step": "adams"}, label="unipc(3)+adams"),
