@@ -27,7 +27,10 @@ from pathlib import Path
 T0 = time.perf_counter()
 SMOKE = os.environ.get("SMOKE") == "1"
 BUDGET = float(os.environ.get("BUDGET", "530"))
+if not os.environ.get("OUT"):
+    sys.exit("molecules_gpu.py: set OUT to the folder for the results (see the module docstring)")
 OUT = Path(os.environ["OUT"])
+OUT.mkdir(parents=True, exist_ok=True)
 WORK = Path(os.environ.get("WORK", "/tmp/gpurun"))
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
