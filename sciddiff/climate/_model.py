@@ -116,8 +116,9 @@ def static_features(
     the given order. Integer ``k`` keep the longitude channels periodic on global grids.
     ``S = 4 * len(frequencies) + len(extra)``. Extra fields should be O(1) (standardise them).
     """
-    lat_t = torch.as_tensor(np.asarray(lat, dtype=np.float64))
-    lon_t = torch.as_tensor(np.asarray(lon, dtype=np.float64))
+    # np.array copies: xarray coordinates are read-only, which torch warns about
+    lat_t = torch.from_numpy(np.array(lat, dtype=np.float64))
+    lon_t = torch.from_numpy(np.array(lon, dtype=np.float64))
     if lat_t.ndim != 1 or lon_t.ndim != 1 or not lat_t.numel() or not lon_t.numel():
         raise ValueError(f"static_features: lat and lon must be non-empty 1-D arrays, got shapes "
                          f"{tuple(lat_t.shape)} and {tuple(lon_t.shape)}")
