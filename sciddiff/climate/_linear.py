@@ -21,10 +21,13 @@ clamped at the grid edge (edge values repeated) and wraps around in longitude fo
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _neighbourhood(coarse: Tensor, radius: int, periodic_lon: bool) -> Tensor:
@@ -67,7 +70,7 @@ class LocalLinear:
             intercept, per fine cell of the training grid ``H x W``.
         factor: fine cells per coarse cell along each axis.
         radius: neighbourhood radius in coarse cells.
-        ridge: the penalty the coefficients were fitted with.
+        ridge: the penalty the coefficients were fitted with (NaN where unknown).
         periodic_lon: whether the neighbourhood wraps around in longitude.
     """
 
@@ -78,6 +81,8 @@ class LocalLinear:
     periodic_lon: bool = False
 
     def __post_init__(self) -> None:
+        if not (math.isnan(self.ridge) or self.ridge >= 0):
+            raise ValueError(f"LocalLinear: ridge must be >= 0 (NaN: unknown), got {self.ridge}")
         k = (2 * self.radius + 1) ** 2 + 1
         if self.coef.ndim != 4 or self.coef.shape[-1] != k:
             raise ValueError(f"LocalLinear: coef must be [C, H, W, {k}] for radius {self.radius}, "
@@ -149,3 +154,48 @@ def fit_local_linear(coarse: Tensor, fine: Tensor, *, radius: int = 2, ridge: fl
         sol = torch.linalg.pinv(AtA, hermitian=True) @ rhs
     coef = sol.reshape(C, h, w, K, f, f).permute(0, 1, 4, 2, 5, 3).reshape(C, h * f, w * f, K)
     return LocalLinear(coef.contiguous(), f, radius, float(ridge), bool(periodic_lon))
+
+
+class LinearMean(nn.Module):
+    """A `LocalLinear` map as the downscaler's mean stage (``mean_model="local_linear"``), in the
+    normalised units of ``Downscaler``: ``mean(cond)`` reads the normalised coarse field
+    ``cond["coarse"] [B, C, h, w]`` and returns ``[B, C, h f, w f]``, like ``RegressionNet.mean``.
+
+    With ``x = std x_n + mean`` per channel, the physical map ``m + b + W (x - m)`` is, in normalised
+    units, ``m_n + b / std + W (x_n - m_n)``: the same weights and a rescaled intercept
+    (`set_fit`). The coefficients are a buffer ``coef [C, H, W, K + 1]`` of the training grid
+    ``H x W``; other grids are refused.
+    """
+
+    def __init__(self, channels: int, grid: Sequence[int], factor: int, radius: int = 2,
+                 periodic_lon: bool = False) -> None:
+        super().__init__()
+        self.channels, self.factor, self.radius = int(channels), int(factor), int(radius)
+        self.grid, self.periodic_lon = (int(grid[0]), int(grid[1])), bool(periodic_lon)
+        k = (2 * self.radius + 1) ** 2 + 1
+        self.register_buffer("coef", torch.zeros(self.channels, *self.grid, k))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"channels": self.channels, "grid": list(self.grid), "factor": self.factor,
+                "radius": self.radius, "periodic_lon": self.periodic_lon}
+
+    def set_fit(self, fit: LocalLinear, std: Sequence[float]) -> LinearMean:
+        """Take the coefficients of ``fit`` (fitted in physical units with per-channel ``std``)."""
+        if tuple(fit.coef.shape) != tuple(self.coef.shape) or fit.radius != self.radius:
+            raise ValueError(f"LinearMean: fit coefficients {tuple(fit.coef.shape)} (radius {fit.radius}) "
+                             f"do not match {tuple(self.coef.shape)} (radius {self.radius})")
+        coef = fit.coef.clone()
+        coef[..., -1] /= torch.as_tensor(list(std), dtype=coef.dtype).reshape(-1, 1, 1)
+        self.coef.copy_(coef.to(self.coef))
+        return self
+
+    def local_linear(self) -> LocalLinear:
+        """The map in normalised units as a `LocalLinear` (float64 coefficients)."""
+        return LocalLinear(self.coef.double(), self.factor, self.radius, float("nan"), self.periodic_lon)
+
+    def mean(self, cond: Mapping[str, Tensor]) -> Tensor:
+        """Normalised mean ``[B, C, H, W]`` from ``cond["coarse"] [B, C, h, w]`` (normalised)."""
+        if "coarse" not in cond:
+            raise ValueError(f"LinearMean: the condition lacks 'coarse'; got {sorted(cond)}")
+        return self.local_linear().predict(cond["coarse"])

@@ -6,6 +6,7 @@ With ``y`` the fine field and ``c`` its coarse (block-mean) version, both normal
 
     up    = bicubic(c)                                   # [B, C, H, W]
     mu    = up + R(up, static)                           # regression UNet: E[y | c] (MSE-trained)
+          (or mu = L(c), a per-pixel ridge map; mean_model="local_linear", ``_linear``)
     r     = (y - mu) / residual_scale                    # residual, ~unit-scale (sigma_data)
     r    ~ p(r | up, static)                             # EDM diffusion (Karras et al. 2022)
     y_hat = mu + residual_scale * r
@@ -37,12 +38,15 @@ from .._atomic import atomic_write, atomic_write_text
 from ..core import EDM, EDMPrecond, Model, State
 from ..samplers import dpmpp_2m, edm_rho, euler, heun, unipc
 from ._baselines import interpolate_tensor
+from ._linear import LinearMean
 from ._unet import UNet
 
 Mode = Literal["diffusion", "regression"]
 SamplerName = Literal["heun", "dpmpp_2m", "unipc", "euler"]
+MeanModel = Literal["unet", "local_linear"]
 MODES: tuple[str, ...] = get_args(Mode)
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+MEAN_MODELS: tuple[str, ...] = get_args(MeanModel)
 
 FORMAT = "sciddiff-downscaler/1"
 WEIGHTS_FILE, META_FILE = "downscaler.safetensors", "downscaler.json"
@@ -265,9 +269,11 @@ class DownscalerMeta:
         sampler, nfe: default sampler and number of network evaluations for ``predict``.
         inflation: multiplicative ensemble inflation of the sampled residual (Anderson & Anderson
             1999); 1 = none. ``train_downscaler`` can fit it on validation data (``calibrate_spread``).
-        cv_means: number ``K`` of cross-fitted regression UNets (``Downscaler.folds``) whose means
+        cv_means: number ``K`` of cross-fitted mean models (``Downscaler.folds``) whose means
             the ensemble members take in turn (member ``m`` uses fold ``m mod K``); 0: every member
-            uses the regression UNet's mean.
+            uses the regression mean.
+        mean_model: ``"unet"`` (CorrDiff's regression UNet) or ``"local_linear"`` (``LinearMean``:
+            a per-pixel ridge map of the coarse neighbourhood, tied to the training grid).
         domain: training domain (``lat_min, lat_max, lon_min, lon_max, resolution, period``).
         training: training budget and data (steps, batch, patch, wall time, ...).
     """
@@ -288,6 +294,7 @@ class DownscalerMeta:
     nfe: int = 19
     inflation: float = 1.0
     cv_means: int = 0
+    mean_model: str = "unet"
     domain: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -313,6 +320,9 @@ class DownscalerMeta:
             raise ValueError(f"DownscalerMeta: inflation must be positive, got {self.inflation}")
         if int(self.nfe) < 1:
             raise ValueError(f"DownscalerMeta: nfe must be >= 1, got {self.nfe}")
+        if self.mean_model not in MEAN_MODELS:
+            raise ValueError(f"DownscalerMeta: unknown mean_model {self.mean_model!r}; expected one of "
+                             f"{MEAN_MODELS}")
         if int(self.cv_means) < 0 or int(self.cv_means) == 1:
             raise ValueError(f"DownscalerMeta: cv_means must be 0 or at least 2, got {self.cv_means}")
         EDM(self.sigma_min, self.sigma_max, self.sigma_data)  # validates the process
@@ -336,12 +346,28 @@ class DownscalerMeta:
             raise ValueError(f"{source}: malformed downscaler metadata: {e}") from None
 
 
+def _mean_stage(meta: DownscalerMeta, given: RegressionNet | LinearMean | Mapping[str, Any] | None
+                ) -> RegressionNet | LinearMean:
+    """The regression stage ``meta.mean_model`` asks for: ``given`` if it is one, else a new
+    ``RegressionNet`` with UNet options ``given`` (a ``LinearMean`` must be given)."""
+    C, S = len(meta.variables), meta.static_channels
+    if meta.mean_model == "unet":
+        if isinstance(given, LinearMean):
+            raise ValueError("Downscaler: meta.mean_model is 'unet' but the regression stage is a LinearMean")
+        return given if isinstance(given, RegressionNet) else RegressionNet(C, S, given)
+    if isinstance(given, LinearMean):
+        return given
+    raise ValueError("Downscaler: meta.mean_model is 'local_linear': pass regression=LinearMean(...) "
+                     "(its grid and radius are not in the metadata)")
+
+
 class Downscaler(nn.Module):
     """Regression UNet + residual EDM diffusion (CorrDiff, Mardani et al. 2023) with its metadata.
 
     Args:
         meta: ``DownscalerMeta``.
-        regression: ``RegressionNet`` (or UNet options for a new one).
+        regression: ``RegressionNet`` (or UNet options for a new one); for
+            ``meta.mean_model == "local_linear"`` a ``LinearMean``.
         diffusion: ``ResidualDenoiser`` (or UNet options for a new one); it is wrapped in
             ``EDMPrecond`` with ``meta.sigma_data`` and sampled through a ``Model(..., "x0")``.
         folds: the ``meta.cv_means`` cross-fitted regression UNets (None: new ones shaped like
@@ -353,26 +379,29 @@ class Downscaler(nn.Module):
     Attributes ``factor``, ``variables``, ``units`` mirror ``meta``.
     """
 
-    def __init__(self, meta: DownscalerMeta, regression: RegressionNet | Mapping[str, Any] | None = None,
+    def __init__(self, meta: DownscalerMeta,
+                 regression: RegressionNet | LinearMean | Mapping[str, Any] | None = None,
                  diffusion: ResidualDenoiser | Mapping[str, Any] | None = None,
-                 folds: Sequence[RegressionNet] | None = None) -> None:
+                 folds: Sequence[RegressionNet | LinearMean] | None = None) -> None:
         super().__init__()
         self.meta = meta
         C, S = len(meta.variables), meta.static_channels
-        if not isinstance(regression, RegressionNet):
-            regression = RegressionNet(C, S, regression)
+        regression = _mean_stage(meta, regression)
         if not isinstance(diffusion, ResidualDenoiser):
             diffusion = ResidualDenoiser(C, S, diffusion)
-        for name, net in (("regression", regression), ("diffusion", diffusion)):
-            if (net.channels, net.static_channels) != (C, S):
-                raise ValueError(f"Downscaler: the {name} network has {net.channels} channels and "
-                                 f"{net.static_channels} static channels; the metadata needs {C} and {S}")
+        if regression.channels != C or (diffusion.channels, diffusion.static_channels) != (C, S):
+            raise ValueError(f"Downscaler: the networks have {regression.channels} (regression) and "
+                             f"{diffusion.channels} (diffusion) channels and {diffusion.static_channels} "
+                             f"static channels; the metadata needs {C} and {S}")
+        if isinstance(regression, RegressionNet) and regression.static_channels != S:
+            raise ValueError(f"Downscaler: the regression network has {regression.static_channels} static "
+                             f"channels; the metadata needs {S}")
         self.regression = regression
         if folds is None:
-            folds = [RegressionNet(**regression.config) for _ in range(int(meta.cv_means))]
+            folds = [type(regression)(**regression.config) for _ in range(int(meta.cv_means))]
         if len(folds) != int(meta.cv_means) or any(f.config != regression.config for f in folds):
-            raise ValueError(f"Downscaler: meta.cv_means = {meta.cv_means} needs that many fold networks "
-                             f"shaped like the regression UNet, got {len(folds)}")
+            raise ValueError(f"Downscaler: meta.cv_means = {meta.cv_means} needs that many fold models "
+                             f"shaped like the regression stage, got {len(folds)}")
         self.folds = nn.ModuleList(folds)
         self.process = EDM(meta.sigma_min, meta.sigma_max, meta.sigma_data)
         self.diffusion = EDMPrecond(diffusion, self.process, meta.sigma_data)
@@ -414,10 +443,13 @@ class Downscaler(nn.Module):
 
     # conditioning ------------------------------------------------------------------------------
     def condition(self, coarse_n: Tensor, static: Tensor | None) -> dict[str, Tensor]:
-        """``{"up": bicubic(coarse_n) [B, C, H, W], "static": [B, S, H, W]}`` from the normalised
-        coarse field ``[B, C, h, w]`` and static channels ``[B | 1, S, H, W]``."""
+        """``{"up": bicubic(coarse_n) [B, C, H, W], "static": [B, S, H, W], "coarse": coarse_n}``
+        from the normalised coarse field ``[B, C, h, w]`` and static channels ``[B | 1, S, H, W]``
+        (``coarse`` only for a ``LinearMean``, which reads it)."""
         up = upsample(coarse_n, self.factor, self.meta.periodic_lon)
         cond = {"up": up}
+        if isinstance(self.regression, LinearMean):
+            cond["coarse"] = coarse_n
         if self.meta.static_channels:
             cond["static"] = static.to(up.dtype).expand(up.shape[0], -1, -1, -1)
         return cond
@@ -575,8 +607,12 @@ def save_downscaler(directory: str | os.PathLike, model: Downscaler) -> Path:
     save_id = uuid.uuid4().hex
     # The fold networks only shift member means, by amounts far above float16's rounding
     # (relative 5e-4); halving their size keeps a 3-fold model under the 20 MB bundle limit.
-    tensors = {k: (v.half() if k.startswith("folds.") and v.is_floating_point() else v).detach().cpu()
-               .contiguous().clone() for k, v in model.state_dict().items()}
+    # Linear coefficients multiply anomalies of several kelvin, so they stay in full precision.
+    def small(k: str, v: Tensor) -> bool:
+        return k.startswith("folds.") and v.is_floating_point() and not k.endswith(".coef")
+
+    tensors = {k: (v.half() if small(k, v) else v).detach().cpu().contiguous().clone()
+               for k, v in model.state_dict().items()}
     atomic_write(d / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT,
                                                                             "save_id": save_id}))
     doc = {"format": FORMAT, "save_id": save_id, "dtype": str(model.dtype).replace("torch.", ""),
@@ -608,7 +644,8 @@ def load_downscaler(directory: str | os.PathLike | None = None) -> Downscaler:
         raise ValueError(f"{meta_path}: unknown format {doc['format']!r} (expected {FORMAT!r})")
     meta = DownscalerMeta.from_dict(doc["meta"], source=str(meta_path))
     try:
-        model = Downscaler(meta, RegressionNet(**doc["regression"]), ResidualDenoiser(**doc["diffusion"]))
+        stage = LinearMean if meta.mean_model == "local_linear" else RegressionNet
+        model = Downscaler(meta, stage(**doc["regression"]), ResidualDenoiser(**doc["diffusion"]))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: cannot build the networks: {e}") from None
     tensors, wmeta = _read_safetensors(w_path)

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._atomic import atomic_write
 from ._config import _RESUMABLE, ClimateTrainConfig, ConfigError
+from ._linear import LinearMean, fit_local_linear
 from ._model import (
     Downscaler,
     DownscalerMeta,
@@ -97,8 +98,9 @@ class _Batch:
         self.factor, self.periodic_lon, self.S, self.model = factor, periodic_lon, static_channels, model
 
     def cond(self, fine: Tensor, static: Tensor) -> dict[str, Tensor]:
-        up = upsample(block_mean(fine, self.factor), self.factor, self.periodic_lon)
-        return {"up": up, "static": static} if self.S else {"up": up}
+        coarse = block_mean(fine, self.factor)
+        cond = {"up": upsample(coarse, self.factor, self.periodic_lon), "coarse": coarse}
+        return {**cond, "static": static} if self.S else cond
 
     def __call__(self, items: list[dict[str, Tensor]]) -> Any:
         fine = torch.stack([it["fine"] for it in items])
@@ -227,6 +229,17 @@ def _regression_mean(net: RegressionNet, fine: Tensor, static: Tensor, collate: 
     return torch.cat(mus)
 
 
+def _fit_linear(cfg: ClimateTrainConfig, stage: LinearMean, fine: Tensor, std: list[float]) -> dict[str, Any]:
+    """Stage 1 for ``mean_model="local_linear"``: ``fit_local_linear`` on physical fields
+    ``fine [T, C, H, W]`` into ``stage`` (closed form, no checkpoint needed); stage-1-like history."""
+    t0 = time.time()
+    fine = fine.double()
+    fit = fit_local_linear(block_mean(fine, cfg.factor), fine, radius=cfg.linear_radius,
+                           ridge=cfg.linear_ridge, periodic_lon=cfg.periodic_lon)
+    stage.set_fit(fit, std)
+    return {"step": 0, "history": [], "wall_seconds": time.time() - t0}
+
+
 def _residual_std(fine: Tensor, mu: Tensor) -> list[float]:
     """Per-channel std of ``fine - mu`` (both ``[T, C, H, W]``)."""
     std = (fine - mu).double().transpose(0, 1).reshape(fine.shape[1], -1).std(dim=1)
@@ -243,13 +256,24 @@ class _Folds:
     wall_seconds: float
 
 
+@dataclass
+class _LinearFolds:
+    """What the linear folds need besides the normalised fields: the physical ones, the
+    per-channel std, and the full-data stage whose shape they copy."""
+
+    fine: Tensor
+    std: list[float]
+    stage: LinearMean
+
+
 def _out_of_fold_mean(cfg: ClimateTrainConfig, fine: Tensor, static: Tensor, collate: _Batch, out: Path,
-                      resume: bool, progress: bool) -> _Folds:
+                      resume: bool, progress: bool, linear: _LinearFolds | None = None) -> _Folds:
     """Cross-fitted regression means (Chernozhukov et al. 2018, "cross-fitting"), see ``_Folds``.
 
     The ``T`` fields are cut into ``cfg.residual_folds`` contiguous blocks, so strongly correlated
     neighbouring hours stay together; block ``k`` is predicted by a regression UNet trained, like
-    stage 1, on the other blocks (checkpoints in ``out/stage1_fold{k}``, resumable).
+    stage 1, on the other blocks (checkpoints in ``out/stage1_fold{k}``, resumable), or, with
+    ``linear``, by a ``LinearMean`` fitted in closed form on them.
     """
     blocks = np.array_split(np.arange(fine.shape[0]), cfg.residual_folds)
     if min(len(b) for b in blocks) < 1:
@@ -259,6 +283,13 @@ def _out_of_fold_mean(cfg: ClimateTrainConfig, fine: Tensor, static: Tensor, col
     nets, wall = [], 0.0
     for k, held in enumerate(blocks):
         rest = torch.as_tensor(np.setdiff1d(np.arange(fine.shape[0]), held))
+        if linear is not None:  # closed form: fit on the other blocks in physical units
+            stage = LinearMean(**linear.stage.config)
+            wall += _fit_linear(cfg, stage, linear.fine[rest], linear.std)["wall_seconds"]
+            held_t = torch.as_tensor(held)
+            mu[held_t] = stage.mean({"coarse": block_mean(fine[held_t], cfg.factor)}).to(mu)
+            nets.append(stage)
+            continue
         torch.manual_seed(cfg.seed + 1 + k)
         net = set_periodic_lon(RegressionNet(fine.shape[1], collate.S, cfg.regression_unet), cfg.periodic_lon)
         net = net.to(cfg.device)
@@ -319,17 +350,24 @@ def train_downscaler(
     std = fine.double().transpose(0, 1).reshape(fine.shape[1], -1).std(1).clamp(min=1e-6).tolist()
     static = static_features(lat_t, lon_t, frequencies=config.frequencies)
     meta = _make_meta(config, mean, std, [1.0] * len(mean), lat_t, lon_t, fine.shape[0])
-    model = Downscaler(meta, config.regression_unet, config.diffusion_unet).to(config.device)
+    linear = config.mean_model == "local_linear"
+    stage = (LinearMean(len(mean), fine.shape[-2:], config.factor, config.linear_radius, config.periodic_lon)
+             if linear else config.regression_unet)
+    model = Downscaler(meta, stage, config.diffusion_unet).to(config.device)
     fine_n = model.normalize(fine.double()).float()
     collate = _Batch(config.factor, config.periodic_lon, meta.static_channels)
     ds = _Crops(fine_n, static, config.factor, config.patch, config.flip_lon)
 
-    s1 = _train_regression(config, model.regression, _loader(ds, config.batch_size, collate),
-                           out / "stage1", resume, progress)
+    if linear:
+        s1 = _fit_linear(config, model.regression, fine, std)
+    else:
+        s1 = _train_regression(config, model.regression, _loader(ds, config.batch_size, collate),
+                               out / "stage1", resume, progress)
     model.regression.requires_grad_(False)
     folds_wall = 0.0
     if config.residual_folds:
-        folds = _out_of_fold_mean(config, fine_n, static, collate, out, resume, progress)
+        lin = _LinearFolds(fine, std, model.regression) if linear else None
+        folds = _out_of_fold_mean(config, fine_n, static, collate, out, resume, progress, lin)
         mu = precomputed = folds.mu
         folds_wall = folds.wall_seconds
         if config.cv_means:  # members take the fold means in turn (CV+); see Downscaler
@@ -337,7 +375,8 @@ def train_downscaler(
             meta.cv_means = len(folds.nets)
     else:
         mu = _regression_mean(model.regression, fine_n, static[None], collate)
-        precomputed = mu if config.patch is None and not config.flip_lon else None
+        # a linear mean is tied to the whole grid: crops and flips must take it precomputed
+        precomputed = mu if linear or (config.patch is None and not config.flip_lon) else None
     res_std = _residual_std(fine_n, mu)
     meta.residual_std = tuple(res_std)
 
@@ -433,11 +472,13 @@ def _make_meta(cfg: ClimateTrainConfig, mean: list[float], std: list[float], res
     training = {"name": cfg.name, "train_fields": int(n_train), "batch_size": cfg.batch_size,
                 "patch": None if cfg.patch is None else list(cfg.patch), "seed": cfg.seed,
                 "regression_lr": cfg.regression_lr, "diffusion_lr": cfg.diffusion_lr}
+    if cfg.mean_model == "local_linear":
+        training.update(linear_radius=cfg.linear_radius, linear_ridge=cfg.linear_ridge)
     return DownscalerMeta(variables=cfg.variables, units=cfg.units, factor=cfg.factor, mean=tuple(mean),
                           std=tuple(std), residual_std=tuple(res_std), frequencies=cfg.frequencies,
                           periodic_lon=cfg.periodic_lon, sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min,
-                          sigma_max=cfg.sigma_max, sampler=cfg.sampler, nfe=cfg.nfe, domain=domain,
-                          training=training)
+                          sigma_max=cfg.sigma_max, sampler=cfg.sampler, nfe=cfg.nfe,
+                          mean_model=cfg.mean_model, domain=domain, training=training)
 
 
 @torch.no_grad()

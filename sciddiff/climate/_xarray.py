@@ -218,6 +218,10 @@ def _predict(job: _Job, x: torch.Tensor, generator: torch.Generator | None) -> t
         kw["periodic_lon"] = job.periodic  # the input grid, not the training grid, decides the wrap
     if job.patch is None:
         return job.model.predict(x, job.static, conserve=job.conserve, **kw)
+    if getattr(meta, "mean_model", "unet") == "local_linear":
+        raise ValueError("downscale: patch= needs a model that runs on any grid; this model's mean is a "
+                         "local linear map tied to its training grid "
+                         f"{meta.domain.get('shape')} (mean_model='local_linear'): drop patch=")
 
     def fn(xp: torch.Tensor, win: PatchWindow) -> torch.Tensor:
         st = None if job.static is None else job.static[..., win.fine_rows(), :][..., win.fine_cols()]

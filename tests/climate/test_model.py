@@ -325,7 +325,7 @@ def test_cv_means_members_take_the_fold_means_in_turn(inputs):
     # regression mode keeps the regression UNet's mean
     torch.testing.assert_close(cv.predict(coarse, static, mode="regression"),
                                plain.predict(coarse, static, mode="regression"), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="cv_means = 2 needs that many fold networks"):
+    with pytest.raises(ValueError, match="cv_means = 2 needs that many fold models"):
         Downscaler(_meta(cv_means=2), plain.regression, plain.diffusion.net, folds[:1])
     with pytest.raises(ValueError, match="cv_means must be 0 or at least 2"):
         _meta(cv_means=1)

@@ -241,3 +241,41 @@ def test_cv_means_keeps_the_fold_networks_in_the_model(tmp_path):
         state = load_file(tmp_path / f"stage1_fold{k}" / "regression.safetensors")
         want = state["net.unet.head.conv.weight"].half().float()
         torch.testing.assert_close(model.folds[k].unet.head.conv.weight, want, rtol=0, atol=0)
+
+
+def test_local_linear_mean_is_the_closed_form_fit_and_its_folds_are_out_of_fold(tmp_path):
+    from sciddiff.climate import fit_local_linear
+
+    fine, lat, lon = _synthetic()
+    cfg = _tiny_config(mean_model="local_linear", linear_radius=1, linear_ridge=0.5, residual_folds=2,
+                       cv_means=True, diffusion_steps=5, patch=(8, 12))
+    out = train_downscaler(cfg, fine[:32], lat, lon, tmp_path, progress=False)
+    model = load_downscaler(out)
+    report = json.loads((out / "training.json").read_text())
+    assert model.meta.mean_model == "local_linear" and report["regression"]["steps"] == 0
+    assert not (out / "stage1").exists()  # no UNet was trained
+    coarse = block_mean(torch.as_tensor(fine[32:35], dtype=torch.float64), 4)
+    static = static_features(lat, lon, frequencies=cfg.frequencies)[None]
+    reg = model.predict(coarse.float(), static, mode="regression")[:, 0]
+    # the regression mode is the ridge fit on all training fields, in physical units
+    train = torch.as_tensor(fine[:32], dtype=torch.float64)
+    full = fit_local_linear(block_mean(train, 4), train, radius=1, ridge=0.5)
+    torch.testing.assert_close(reg.double(), full.predict(coarse), rtol=0, atol=2e-4)
+    # fold k is the fit without block k (16 fields each), kept in full precision
+    fold1 = fit_local_linear(block_mean(train[:16], 4), train[:16], radius=1, ridge=0.5)
+    cond = model.condition(model.normalize(coarse.float()), static)
+    torch.testing.assert_close(model.denormalize(model.folds[1].mean(cond)).double(), fold1.predict(coarse),
+                               rtol=0, atol=2e-4)
+    assert model.folds[1].coef.dtype == torch.float32
+    ens = model.predict(coarse.float(), static, members=4, nfe=3, generator=torch.Generator().manual_seed(0))
+    assert ens.shape == (3, 4, 1, 16, 24) and torch.isfinite(ens).all()
+    with pytest.raises(ValueError, match="the grid the model was fitted on"):
+        model.predict(coarse[..., :2, :].float(), static[..., :8, :], mode="regression")
+    import xarray as xr
+
+    from sciddiff.climate import downscale
+
+    da = xr.DataArray(coarse[:, 0].numpy(), dims=("time", "lat", "lon"), name="t2m", attrs={"units": "K"},
+                      coords={"lat": lat.reshape(4, 4).mean(1), "lon": lon.reshape(6, 4).mean(1)})
+    with pytest.raises(ValueError, match="tied to its training grid"):
+        downscale(da, 4, 2, model=model, patch=4, overlap=1, nfe=3)
