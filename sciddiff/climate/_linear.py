@@ -42,6 +42,11 @@ def _neighbourhood(coarse: Tensor, radius: int, periodic_lon: bool) -> Tensor:
     return x.permute(0, 1, 2, 4, 3, 5).reshape(*coarse.shape, -1)
 
 
+def _n_coefficients(radius: int) -> int:
+    """``K + 1``: the ``(2 R + 1)^2`` neighbourhood weights and the intercept of one fine cell."""
+    return (2 * radius + 1) ** 2 + 1
+
+
 def _design(coarse: Tensor, radius: int, periodic_lon: bool) -> tuple[Tensor, Tensor]:
     """Features ``[T, C, h, w, K + 1]`` (anomalies, then a 1 for the intercept) and the field means
     ``[T, C, 1, 1]``."""
@@ -83,7 +88,7 @@ class LocalLinear:
     def __post_init__(self) -> None:
         if not (math.isnan(self.ridge) or self.ridge >= 0):
             raise ValueError(f"LocalLinear: ridge must be >= 0 (NaN: unknown), got {self.ridge}")
-        k = (2 * self.radius + 1) ** 2 + 1
+        k = _n_coefficients(self.radius)
         if self.coef.ndim != 4 or self.coef.shape[-1] != k:
             raise ValueError(f"LocalLinear: coef must be [C, H, W, {k}] for radius {self.radius}, "
                              f"got {tuple(self.coef.shape)}")
@@ -132,7 +137,7 @@ def fit_local_linear(coarse: Tensor, fine: Tensor, *, radius: int = 2, ridge: fl
     if int(chunk) < 1:
         raise ValueError(f"fit_local_linear: chunk must be >= 1, got {chunk}")
     f = H // h
-    K = (2 * radius + 1) ** 2 + 1
+    K = _n_coefficients(radius)
     if ridge == 0 and T < K:
         raise ValueError(f"fit_local_linear: {T} training fields cannot determine {K} coefficients per "
                          "cell without a penalty; pass ridge > 0")
@@ -172,8 +177,7 @@ class LinearMean(nn.Module):
         super().__init__()
         self.channels, self.factor, self.radius = int(channels), int(factor), int(radius)
         self.grid, self.periodic_lon = (int(grid[0]), int(grid[1])), bool(periodic_lon)
-        k = (2 * self.radius + 1) ** 2 + 1
-        self.register_buffer("coef", torch.zeros(self.channels, *self.grid, k))
+        self.register_buffer("coef", torch.zeros(self.channels, *self.grid, _n_coefficients(self.radius)))
 
     @property
     def config(self) -> dict[str, Any]:

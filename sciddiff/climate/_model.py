@@ -294,7 +294,7 @@ class DownscalerMeta:
     nfe: int = 19
     inflation: float = 1.0
     cv_means: int = 0
-    mean_model: str = "unet"
+    mean_model: MeanModel = "unet"
     domain: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 

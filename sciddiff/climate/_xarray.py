@@ -218,10 +218,6 @@ def _predict(job: _Job, x: torch.Tensor, generator: torch.Generator | None) -> t
         kw["periodic_lon"] = job.periodic  # the input grid, not the training grid, decides the wrap
     if job.patch is None:
         return job.model.predict(x, job.static, conserve=job.conserve, **kw)
-    if getattr(meta, "mean_model", "unet") == "local_linear":
-        raise ValueError("downscale: patch= needs a model that runs on any grid; this model's mean is a "
-                         "local linear map tied to its training grid "
-                         f"{meta.domain.get('shape')} (mean_model='local_linear'): drop patch=")
 
     def fn(xp: torch.Tensor, win: PatchWindow) -> torch.Tensor:
         st = None if job.static is None else job.static[..., win.fine_rows(), :][..., win.fine_cols()]
@@ -393,6 +389,11 @@ def downscale(
     factor = _check_options(factor, members, mode, missing, batch_size, model)
     if patch is not None:
         check_tiling(patch, overlap)
+        meta = getattr(model, "meta", None)
+        if getattr(meta, "mean_model", "unet") == "local_linear":
+            raise ValueError("downscale: patch= needs a model that runs on any grid; this model's mean is a "
+                             "local linear map tied to its training grid "
+                             f"{meta.domain.get('shape')} (mean_model='local_linear'): drop patch=")
     names = _select(obj, var, model)
     arrays = [obj] if isinstance(obj, xr.DataArray) else [obj[v] for v in names]
     ydim, xdim = spatial_dims or grid_dims(arrays[0])
